@@ -1,0 +1,324 @@
+"""FineTuneJob (kubetune.io/v1alpha1): spec and status models.
+
+The CRD in crds/ and in the Helm chart is generated from these models by crdgen. The spec embeds
+the trainer contract (TrainingSpec) and adds what only a cluster needs.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from kubetune_trainer.config import TrainingSpec, WireModel, reject_inline_secrets
+from pydantic import Field, field_validator, model_validator
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+
+# Children are named <job>-rank-<i> and <job>-serve; a pod hostname is at most 63 characters.
+MAX_JOB_NAME = 52
+_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
+
+Phase = Literal[
+    "Pending",
+    "Running",
+    "Restarting",
+    "Evaluating",
+    "Deploying",
+    "Succeeded",
+    "Failed",
+    "Suspended",
+    "Cancelled",
+]
+TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed", "Cancelled"})
+
+
+def _quantity(v: str, field: str) -> str:
+    if not _QUANTITY.match(v):
+        raise ValueError(
+            f"{field} {v!r} is not a Kubernetes quantity; accepted forms like 4, 500m, 16Gi"
+        )
+    return v
+
+
+class Toleration(WireModel):
+    """A pod toleration, as in core/v1."""
+
+    key: str | None = Field(default=None, description="Taint key to tolerate.", max_length=253)
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
+    value: str | None = Field(default=None, description="Taint value (operator Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; empty tolerates all effects."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, ge=0, description="How long a NoExecute taint is tolerated."
+    )
+
+
+class ResourcesSpec(WireModel):
+    """Compute for the training ranks: one pod per node, GPUs per node."""
+
+    nodes: int = Field(default=1, ge=1, le=512, description="Number of nodes (one rank pod each).")
+    gpus_per_node: int = Field(
+        default=1, ge=0, le=16, description="GPUs per node (nvidia.com/gpu); 0 trains on CPU."
+    )
+    cpu: str = Field(default="4", description="CPU request and limit per rank pod.")
+    memory: str = Field(default="16Gi", description="Memory request and limit per rank pod.")
+    image: str | None = Field(
+        default=None,
+        description="Trainer image. Default: the operator's configured trainer image.",
+        max_length=512,
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the rank pods must match."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Tolerations for the rank pods.", max_length=64
+    )
+    priority_class_name: str | None = Field(
+        default=None, description="PriorityClass of the rank pods.", max_length=253
+    )
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _q(cls, v: str) -> str:
+        return _quantity(v, "quantity")
+
+
+class SecretRef(WireModel):
+    """A reference to a Secret in the job's namespace holding S3 credentials."""
+
+    name: str = Field(description="Secret name.", min_length=1, max_length=253)
+    access_key_id_key: str = Field(
+        default="AWS_ACCESS_KEY_ID", description="Key in the Secret holding the access key id."
+    )
+    secret_access_key_key: str = Field(
+        default="AWS_SECRET_ACCESS_KEY",
+        description="Key in the Secret holding the secret access key.",
+    )
+
+
+class StorageSpec(WireModel):
+    """Object storage for checkpoints, progress, evaluation and the model."""
+
+    bucket: str = Field(
+        description="S3 bucket.",
+        min_length=3,
+        max_length=63,
+        pattern=r"^[a-z0-9][a-z0-9.\-]+[a-z0-9]$",
+    )
+    prefix: str = Field(
+        default="kubetune",
+        description="Key prefix; the run lives under <prefix>/<namespace>/<job>/.",
+        max_length=512,
+        pattern=r"^[A-Za-z0-9._\-/]*$",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        description="S3 endpoint URL for S3-compatible stores, e.g. http://minio:9000.",
+        max_length=512,
+        pattern=r"^https?://[^\s]+$",
+    )
+    region: str = Field(default="us-east-1", description="S3 region.", max_length=64)
+    credentials_secret_ref: SecretRef | None = Field(
+        default=None,
+        description="Secret with the S3 keys. Default: the pod's ambient credentials (IRSA etc).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secrets(cls, data: Any) -> Any:
+        reject_inline_secrets(data, "")
+        return data
+
+
+class RunPolicy(WireModel):
+    """Retries, deadlines and lifecycle."""
+
+    backoff_limit: int = Field(
+        default=3, ge=0, le=100, description="Gang restarts allowed on retryable failures."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Fail the job (DeadlineExceeded) after this long running."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the job this long after it finishes."
+    )
+    suspend: bool = Field(
+        default=False,
+        description="Stop the ranks and keep checkpoints; false again resumes from a checkpoint.",
+    )
+    cancel: bool = Field(
+        default=False,
+        description="Cancel: ranks get SIGTERM, save a final checkpoint; the job ends Cancelled.",
+    )
+
+
+class InferenceResources(WireModel):
+    """Compute for each inference replica."""
+
+    cpu: str = Field(default="1", description="CPU per replica.")
+    memory: str = Field(default="2Gi", description="Memory per replica.")
+    gpus: int = Field(default=0, ge=0, le=16, description="GPUs per replica.")
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _q(cls, v: str) -> str:
+        return _quantity(v, "quantity")
+
+
+class InferenceSpec(WireModel):
+    """Serve the tuned model once the evaluation gates pass."""
+
+    enabled: bool = Field(default=False, description="Create <job>-serve when the gates pass.")
+    replicas: int = Field(default=1, ge=0, le=100, description="Inference replicas.")
+    resources: InferenceResources = Field(
+        default_factory=InferenceResources, description="Per-replica compute."
+    )
+    port: int = Field(default=8080, ge=1, le=65535, description="Container and Service port.")
+    escalation_threshold: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Classification: escalate when the top score is below this.",
+    )
+    keep_after_ttl: bool = Field(
+        default=False,
+        description="Keep the inference Deployment when ttlSecondsAfterFinished deletes the job.",
+    )
+
+
+class FineTuneJobSpec(TrainingSpec):
+    """Desired state of a FineTuneJob."""
+
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, description="Compute for the training ranks."
+    )
+    storage: StorageSpec | None = Field(
+        default=None,
+        description="Object storage for the run. Required on a cluster; `kubetune run` "
+        "writes to ./runs/<job>/ when absent.",
+    )
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries and lifecycle.")
+    inference: InferenceSpec = Field(
+        default_factory=InferenceSpec, description="Inference deployment after the gates pass."
+    )
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> FineTuneJobSpec:
+        if self.method == "qlora" and self.resources.gpus_per_node == 0:
+            raise ValueError(
+                "resources.gpusPerNode: method 'qlora' needs GPUs; set gpusPerNode >= 1, "
+                "or use method lora or full"
+            )
+        return self
+
+
+class Condition(WireModel):
+    """A standard Kubernetes condition."""
+
+    type: str = Field(description="Condition type, e.g. Validated, Trained, Evaluated, Serving.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", description="CamelCase machine-readable reason.")
+    message: str = Field(default="", description="Human-readable details.")
+    last_transition_time: str | None = Field(
+        default=None, description="When the status last changed (RFC 3339)."
+    )
+    observed_generation: int | None = Field(
+        default=None, description="The spec generation this condition was computed for."
+    )
+
+
+class Progress(WireModel):
+    """Training progress as last reported by rank 0."""
+
+    step: int = Field(default=0, description="Optimizer steps done.")
+    total_steps: int = Field(default=0, description="Optimizer steps planned.")
+    epoch: float = Field(default=0.0, description="Epochs done (fractional).")
+    percent: int = Field(default=0, description="step / totalSteps, in percent.")
+    eta_seconds: int | None = Field(default=None, description="Estimated seconds to finish.")
+    tokens_per_second: float | None = Field(default=None, description="Training throughput.")
+    loss: float | None = Field(default=None, description="Latest training loss.")
+
+
+class CheckpointRef(WireModel):
+    """A checkpoint in the store."""
+
+    step: int = Field(description="Step the checkpoint was saved at.")
+    uri: str = Field(description="Where it lives.")
+    time: str | None = Field(default=None, description="When it was saved (RFC 3339).")
+
+
+class FailureInfo(WireModel):
+    """The last rank failure."""
+
+    pod: str = Field(default="", description="Pod that failed.")
+    node: str = Field(default="", description="Node it ran on.")
+    exit_code: int | None = Field(default=None, description="Container exit code.")
+    reason: str = Field(default="", description="Classified reason, e.g. OOMKilled, InvalidData.")
+    message: str = Field(default="", description="Termination message.")
+
+
+class FineTuneJobStatus(WireModel):
+    """Observed state of a FineTuneJob. Owned by the operator."""
+
+    phase: Phase = Field(
+        default="Pending", description="Summary for people; decisions read conditions."
+    )
+    conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")
+    observed_generation: int | None = Field(
+        default=None, description="The spec generation the operator last acted on."
+    )
+    progress: Progress | None = Field(default=None, description="Training progress.")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Latest metrics (train/eval, and final test metrics)."
+    )
+    eval_summary: str | None = Field(
+        default=None, description="One-line evaluation summary for kubectl get."
+    )
+    checkpoints: list[CheckpointRef] = Field(
+        default_factory=list, description="Checkpoints known to exist in the store."
+    )
+    restarts: int = Field(default=0, description="Gang restarts so far.")
+    last_failure: FailureInfo | None = Field(default=None, description="The last rank failure.")
+    model_uri: str | None = Field(default=None, description="Where the final model is.")
+    endpoint: str | None = Field(default=None, description="In-cluster URL of the inference API.")
+    start_time: str | None = Field(default=None, description="When training first started.")
+    completion_time: str | None = Field(default=None, description="When the job finished.")
+
+
+class ObjectMeta(WireModel):
+    """The parts of metadata that a FineTuneJob file must carry."""
+
+    model_config = WireModel.model_config | {"extra": "allow"}
+
+    name: str = Field(description="Job name (DNS-1123 label, at most 52 characters).")
+    namespace: str | None = Field(default=None, description="Namespace.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if len(v) > MAX_JOB_NAME or not _DNS1123.match(v):
+            raise ValueError(
+                f"must be a DNS-1123 label of at most {MAX_JOB_NAME} characters "
+                "(lowercase letters, digits, '-'), so that <job>-rank-<i> is a valid hostname"
+            )
+        return v
+
+
+class FineTuneJob(WireModel):
+    """A fine-tuning job: data + base model in, evaluated (and optionally served) model out."""
+
+    model_config = WireModel.model_config | {"extra": "ignore"}
+
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(description="kubetune.io/v1alpha1")
+    kind: Literal["FineTuneJob"] = Field(description="FineTuneJob")
+    metadata: ObjectMeta = Field(description="Standard object metadata.")
+    spec: FineTuneJobSpec = Field(description="Desired state.")
+    status: FineTuneJobStatus | None = Field(default=None, description="Observed state.")

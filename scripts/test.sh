@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The project's test command: install, lint, type-check, build the control plane, run every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+export PATH="$PWD/.venv/bin:$PATH"
+
+echo "== ruff"
+ruff check operator trainer tests benchmarks examples scripts
+echo "== mypy --strict"
+mypy --strict operator/kubetune_operator trainer/kubetune_trainer
+echo "== CRD in sync with the models"
+python -m kubetune_operator.api.crdgen --check
+
+if [ -f tests/cluster/build.sh ]; then
+  echo "== control-plane binaries (built once, then cached)"
+  bash tests/cluster/build.sh
+fi
+
+echo "== pytest"
+set +e
+python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests: that is a failure here" >&2
+  exit 1
+fi
+exit "$rc"
