@@ -1,0 +1,1 @@
+"""kubetune test suite (a package so ``python -m tests.cluster`` works)."""

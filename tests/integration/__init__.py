@@ -1,0 +1,1 @@
+"""Integration tests that run against the real test control plane (``cluster`` marker)."""
