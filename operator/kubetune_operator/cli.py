@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from kubetune_operator.api.validation import SpecError, load_jobs
 
@@ -50,7 +51,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     from kubetune_operator.local import run_job_locally
 
-    return run_job_locally(job, store=args.store, metrics_port=args.metrics_port)
+    return run_job_locally(
+        job,
+        store=args.store,
+        metrics_port=args.metrics_port,
+        # Relative data paths in a job file resolve against the file's folder.
+        base_dir=Path(args.file).resolve().parent,
+    )
 
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:

@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 
 import torch
 import transformers
+
 from kubetune_trainer import builtin_models
 from kubetune_trainer.builtin_models import (
     BUILTIN_MODELS,

@@ -516,3 +516,51 @@ def reject_inline_secrets(data: Any, where: str) -> None:
             )
         if isinstance(value, dict):
             reject_inline_secrets(value, f"{where}{key}.")
+
+
+# Lower is better for these; higher for everything else (accuracy, f1_macro, bleu).
+LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+_METRIC_ALIASES = {"f1": "f1_macro"}
+
+
+def primary_metric(task: str) -> str:
+    """The metric `mustBeatBase` compares: accuracy for classification, loss for causal-lm."""
+    return "accuracy" if task == "sequence-classification" else "loss"
+
+
+def check_gates(
+    spec: EvaluationSpec,
+    task: str,
+    tuned: dict[str, Any],
+    base: dict[str, Any] | None,
+) -> list[dict[str, Any]]:
+    """Each gate against the fine-tuned metrics: [{metric, op, value, actual, passed}].
+
+    Pure, so the trainer (eval.json, local summary) and the operator (conditions) agree.
+    A gate on a metric that was not computed fails, with actual None.
+    """
+    results: list[dict[str, Any]] = []
+    for gate in spec.gates:
+        name = _METRIC_ALIASES.get(gate.metric, gate.metric)
+        actual = tuned.get(name)
+        ok = isinstance(actual, int | float) and gate.passes(float(actual))
+        results.append(
+            {"metric": name, "op": gate.op, "value": gate.value, "actual": actual, "passed": ok}
+        )
+    if spec.must_beat_base:
+        name = primary_metric(task)
+        mine, theirs = tuned.get(name), (base or {}).get(name)
+        ok = isinstance(mine, int | float) and isinstance(theirs, int | float)
+        if ok:
+            ok = mine < theirs if name in LOWER_IS_BETTER else mine > theirs
+        results.append(
+            {
+                "metric": name,
+                "op": "<" if name in LOWER_IS_BETTER else ">",
+                "value": theirs,
+                "actual": mine,
+                "passed": ok,
+                "mustBeatBase": True,
+            }
+        )
+    return results
