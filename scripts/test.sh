@@ -17,9 +17,17 @@ if [ -f tests/cluster/build.sh ]; then
   bash tests/cluster/build.sh
 fi
 
+if [ -f scripts/fetch-helm.sh ]; then
+  echo "== helm (cached)"
+  bash scripts/fetch-helm.sh
+fi
+
 echo "== pytest"
+# Default: everything except tests marked slow (long e2e runs); pass -m slow to run those.
+args=("$@")
+[ ${#args[@]} -eq 0 ] && args=(-m "not slow")
 set +e
-python -m pytest "$@"
+python -m pytest "${args[@]}"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_run)
 
+    from kubetune_operator.cli_cluster import add_cluster_commands
+
+    add_cluster_commands(sub)
+
     p = sub.add_parser("serve", help="serve a trained model (OpenAI-style API)")
     p.add_argument("model", help="model directory or s3:// prefix written by the trainer")
     p.set_defaults(func=None)

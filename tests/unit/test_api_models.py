@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from kubetune_operator.api.models import FineTuneJob
 from kubetune_operator.api.validation import SpecError, validate_document
 from kubetune_operator.builders.trainer_config import trainer_config

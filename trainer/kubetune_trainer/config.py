@@ -514,7 +514,8 @@ def reject_inline_secrets(data: Any, where: str) -> None:
                 f"{where}{key}: secrets must never be written inline; put them in a Secret and "
                 "reference it with credentialsSecretRef"
             )
-        if isinstance(value, dict):
+        # A *Ref names where a secret lives (e.g. secretAccessKeyKey): that is not a secret.
+        if isinstance(value, dict) and not (isinstance(key, str) and key.endswith("Ref")):
             reject_inline_secrets(value, f"{where}{key}.")
 
 
@@ -550,8 +551,8 @@ def check_gates(
     if spec.must_beat_base:
         name = primary_metric(task)
         mine, theirs = tuned.get(name), (base or {}).get(name)
-        ok = isinstance(mine, int | float) and isinstance(theirs, int | float)
-        if ok:
+        ok = False
+        if isinstance(mine, int | float) and isinstance(theirs, int | float):
             ok = mine < theirs if name in LOWER_IS_BETTER else mine > theirs
         results.append(
             {

@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from kubetune_trainer.config import TrainingSpec, WireModel, reject_inline_secrets
 from pydantic import Field, field_validator, model_validator
+
+from kubetune_trainer.config import TrainingSpec, WireModel, reject_inline_secrets
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"

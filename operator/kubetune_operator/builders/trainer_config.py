@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kubetune_operator.api.models import FineTuneJob, StorageSpec
 from kubetune_trainer.config import (
     JobIdentity,
     OutputSpec,
@@ -9,8 +10,6 @@ from kubetune_trainer.config import (
     TrainerConfig,
     TrainingSpec,
 )
-
-from kubetune_operator.api.models import FineTuneJob, StorageSpec
 
 
 def run_prefix(storage: StorageSpec, namespace: str, name: str) -> str:

@@ -1,0 +1,40 @@
+"""The headless Service that gives rank pods stable DNS names (<job>-rank-<i>.<job>-ranks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune_operator.api.models import FineTuneJob
+from kubetune_operator.builders.pods import (
+    MASTER_PORT,
+    METRICS_PORT,
+    headless_service_name,
+    job_labels,
+    metadata,
+)
+
+
+def build_headless_service(
+    job: FineTuneJob, *, owner: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    name = job.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(
+            headless_service_name(name),
+            job.metadata.namespace or "default",
+            job_labels(name),
+            owner,
+        ),
+        "spec": {
+            "clusterIP": "None",
+            # Rank 0 must resolve before it is Ready: the rendezvous happens during startup.
+            "publishNotReadyAddresses": True,
+            "selector": job_labels(name, "rank"),
+            "ports": [
+                {"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT},
+                {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT},
+            ],
+        },
+    }

@@ -1,0 +1,1 @@
+"""kopf handlers. `jobs` and `pods` hold the decorators; `controller` the reconcile logic."""

@@ -1,0 +1,153 @@
+"""Preflight of a FineTuneJob object as the API server holds it: schema + cluster checks."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubetune_operator import kube
+from kubetune_operator.api.models import FineTuneJob
+from kubetune_operator.api.validation import FieldError, SpecError, explain, validate_document
+
+Obj = dict[str, Any]
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+_SECRETISH = ("secret", "password", "token", "accesskey", "credential")
+
+
+def _doc(body: Obj, spec: Any) -> Obj:
+    meta = body.get("metadata") or {}
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
+        "spec": spec,
+    }
+
+
+def _safe(e: FieldError) -> FieldError:
+    # Never echo a value that sits under a secret-looking key (rule 6).
+    if any(word in e.path.lower() for word in _SECRETISH):
+        return FieldError(e.path, e.message, None)
+    return e
+
+
+def _pruned_errors(body: Obj) -> list[FieldError]:
+    """Errors in what the user applied: kubectl apply on 1.20 prunes unknown fields silently,
+    so a typo or an inline secret only shows in the last-applied-configuration annotation."""
+    raw = ((body.get("metadata") or {}).get("annotations") or {}).get(LAST_APPLIED)
+    if not raw:
+        return []
+    try:
+        applied = json.loads(raw)
+    except ValueError:
+        return []
+    if not isinstance(applied, dict):
+        return []
+    try:
+        FineTuneJob.model_validate(_doc(body, applied.get("spec")))
+    except ValidationError as err:
+        return [
+            FieldError(e.path, e.message + " (dropped by the API server; fix the manifest)")
+            for e in explain(err)
+        ]
+    return []
+
+
+def _cluster_errors(job: FineTuneJob) -> list[FieldError]:
+    spec = job.spec
+    out: list[FieldError] = []
+    if spec.storage is None:
+        out.append(
+            FieldError(
+                "spec.storage",
+                "required on a cluster (checkpoints, progress and the model go there); "
+                "accepted: {bucket, prefix, endpoint, region, credentialsSecretRef}",
+            )
+        )
+    for path, uri in (
+        ("spec.data.train", spec.data.train),
+        ("spec.data.validation", spec.data.validation),
+        ("spec.data.test", spec.data.test),
+    ):
+        if uri is not None and not uri.startswith("s3://"):
+            out.append(
+                FieldError(
+                    path,
+                    "a local path does not exist in the trainer pods; "
+                    "accepted on a cluster: s3://<bucket>/<key>",
+                    repr(uri),
+                )
+            )
+    for path, uri in (
+        ("spec.model.source", spec.model.source),
+        ("spec.model.tokenizer", spec.model.tokenizer),
+    ):
+        if uri is not None and "://" not in uri and not uri.startswith("builtin:"):
+            out.append(
+                FieldError(
+                    path,
+                    "a local path does not exist in the trainer pods; accepted on a "
+                    "cluster: builtin:<name>, s3://<bucket>/<prefix>, hf://<org>/<name>",
+                    repr(uri),
+                )
+            )
+    return out
+
+
+def _secret_errors(job: FineTuneJob, namespace: str) -> list[FieldError]:
+    storage = job.spec.storage
+    ref = storage.credentials_secret_ref if storage else None
+    if ref is None:
+        return []
+    path = "spec.storage.credentialsSecretRef"
+    try:
+        keys = kube.secret_keys(namespace, ref.name)
+    except kube.ApiError as err:
+        if err.status == 404:
+            return [
+                FieldError(
+                    f"{path}.name", f"Secret not found in namespace {namespace}", repr(ref.name)
+                )
+            ]
+        raise
+    if keys is None:  # no RBAC to read Secrets: the pods will tell
+        return []
+    out = []
+    for field, key in (
+        ("accessKeyIdKey", ref.access_key_id_key),
+        ("secretAccessKeyKey", ref.secret_access_key_key),
+    ):
+        if key not in keys:
+            have = ", ".join(sorted(keys)) or "none"
+            out.append(
+                FieldError(
+                    f"{path}.{field}",
+                    f"Secret {ref.name!r} has no key {key!r}; keys present: {have}",
+                )
+            )
+    return out
+
+
+def validate_job(body: Obj, *, check_secret: bool = True) -> FineTuneJob:
+    """The job, or SpecError listing every problem (field path, value, what is accepted)."""
+    namespace = (body.get("metadata") or {}).get("namespace") or "default"
+    try:
+        job = validate_document(_doc(body, body.get("spec")))
+    except SpecError as err:
+        raise SpecError("spec", [_safe(e) for e in err.errors]) from None
+    errors = [_safe(e) for e in _pruned_errors(body)]
+    errors += _cluster_errors(job)
+    if not errors and check_secret:
+        errors += _secret_errors(job, namespace)
+    if errors:
+        raise SpecError("spec", errors)
+    return job
+
+
+def describe(err: SpecError, limit: int = 5) -> str:
+    parts = [str(e) for e in err.errors[:limit]]
+    if len(err.errors) > limit:
+        parts.append(f"... and {len(err.errors) - limit} more")
+    return "; ".join(parts)

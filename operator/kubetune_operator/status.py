@@ -1,0 +1,490 @@
+"""Pure status logic: conditions, phase transitions, failure classification, gates, progress.
+
+No kopf, no Kubernetes client: handlers feed in plain dicts (pods, metrics text) and apply the
+decisions returned here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from kubetune_operator.api.models import (
+    Condition,
+    FailureInfo,
+    FineTuneJobSpec,
+    FineTuneJobStatus,
+    Progress,
+)
+from kubetune_trainer.config import EvaluationSpec, check_gates, primary_metric
+
+Obj = dict[str, Any]
+
+# Condition types. Decisions read these; status.phase only summarises them for people.
+VALIDATED = "Validated"
+LAUNCHED = "Launched"
+TRAINED = "Trained"
+EVALUATED = "Evaluated"
+SERVING = "Serving"
+SUSPENDED = "Suspended"
+CANCELLED = "Cancelled"
+FAILED = "Failed"
+SPEC_CHANGE_REFUSED = "SpecChangeRefused"
+
+# Mirrors kubetune_trainer.telemetry (EXIT_CODES, PERMANENT_REASONS, RETRYABLE_EXIT_CODES);
+# duplicated because the operator imports only the trainer's config models.
+PERMANENT_REASONS = frozenset({"InvalidSpec", "InvalidData"})
+PERMANENT_EXIT_CODES = frozenset({2, 3})
+RETRYABLE_EXIT_CODES = frozenset({4, 5, 137, 143})
+EXIT_REASONS = {
+    1: "Error",
+    2: "InvalidSpec",
+    3: "InvalidData",
+    4: "OutOfMemory",
+    5: "StorageUnavailable",
+    137: "Killed",
+    143: "Interrupted",
+}
+# Pod-level reasons (kubelet, eviction, node lifecycle) that say nothing about the job itself.
+RETRYABLE_POD_REASONS = frozenset(
+    {
+        "OOMKilled",
+        "Evicted",
+        "Preempted",
+        "Preempting",
+        "NodeLost",
+        "Shutdown",
+        "Terminated",
+        "NodeShutdown",
+        "UnexpectedAdmissionError",
+        "PodLost",
+    }
+)
+SUCCESS_PREFIX = "Succeeded: "
+_REASON_RE = re.compile(r"^([A-Z][A-Za-z]+): ?(.*)$", re.DOTALL)
+
+# Spec fields that may change while a job runs; everything else is fixed at launch.
+MUTABLE_RUN_POLICY = (
+    "suspend",
+    "cancel",
+    "backoffLimit",
+    "activeDeadlineSeconds",
+    "ttlSecondsAfterFinished",
+)
+
+
+def now_rfc3339(now: datetime | None = None) -> str:
+    return (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------- conditions
+
+
+def get_condition(status: FineTuneJobStatus, type_: str) -> Condition | None:
+    return next((c for c in status.conditions if c.type == type_), None)
+
+
+def is_true(status: FineTuneJobStatus, type_: str) -> bool:
+    cond = get_condition(status, type_)
+    return cond is not None and cond.status == "True"
+
+
+def set_condition(
+    status: FineTuneJobStatus,
+    type_: str,
+    value: bool | str,
+    reason: str,
+    message: str = "",
+    *,
+    now: datetime | None = None,
+    generation: int | None = None,
+) -> bool:
+    """Set a condition in place; lastTransitionTime moves only when the status changes.
+
+    Returns True when anything changed.
+    """
+    text = value if isinstance(value, str) else ("True" if value else "False")
+    old = get_condition(status, type_)
+    if old is not None and (old.status, old.reason, old.message) == (text, reason, message):
+        if generation is not None and old.observed_generation != generation:
+            old.observed_generation = generation
+            return True
+        return False
+    when = now_rfc3339(now)
+    if old is not None and old.status == text and old.last_transition_time:
+        when = old.last_transition_time
+    new = Condition.model_validate(
+        {
+            "type": type_,
+            "status": text,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": when,
+            "observedGeneration": generation,
+        }
+    )
+    status.conditions = [c for c in status.conditions if c.type != type_] + [new]
+    return True
+
+
+def remove_condition(status: FineTuneJobStatus, type_: str) -> bool:
+    before = len(status.conditions)
+    status.conditions = [c for c in status.conditions if c.type != type_]
+    return len(status.conditions) != before
+
+
+# --------------------------------------------------------------------------- failures
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A rank that failed, classified."""
+
+    pod: str
+    node: str
+    exit_code: int | None
+    reason: str
+    message: str
+    retryable: bool
+
+    def info(self) -> FailureInfo:
+        return FailureInfo(
+            pod=self.pod,
+            node=self.node,
+            exit_code=self.exit_code,
+            reason=self.reason,
+            message=self.message,
+        )
+
+
+def parse_termination_message(message: str | None) -> tuple[str | None, str]:
+    """`"<Reason>: <message>"` -> (Reason, message); (None, text) for anything else."""
+    text = (message or "").strip()
+    m = _REASON_RE.match(text.splitlines()[0] if text else "")
+    if m and "\n" not in text:
+        return m.group(1), m.group(2)
+    return None, text
+
+
+def _tail(text: str, lines: int = 3, limit: int = 512) -> str:
+    """The end of a log-fallback termination message: the last lines say what happened."""
+    kept = [line for line in text.splitlines() if line.strip()][-lines:]
+    return "\n".join(kept)[-limit:]
+
+
+def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        state = cs.get("state") or {}
+        if "terminated" in state:
+            return dict(state["terminated"])
+        last = cs.get("lastState") or {}
+        if "terminated" in last:
+            return dict(last["terminated"])
+    return None
+
+
+def classify_failure(pod: Mapping[str, Any]) -> Failure | None:
+    """The failure of a rank pod, or None when it has not failed (running or succeeded).
+
+    Permanent: the trainer said InvalidSpec/InvalidData (exit 2/3): retrying cannot help.
+    Retryable: everything else, bounded by backoffLimit: OOM, storage outages, SIGKILL (137),
+    SIGTERM after a checkpoint (143), eviction, preemption, a lost node, plain errors (exit 1).
+    """
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    name = str(meta.get("name", ""))
+    node = str((pod.get("spec") or {}).get("nodeName") or "")
+    term = _terminated(pod)
+    phase = status.get("phase")
+    if term is None:
+        if phase == "Failed":
+            reason = str(status.get("reason") or "PodFailed")
+            return Failure(name, node, None, reason, str(status.get("message") or ""), True)
+        return None
+    code = term.get("exitCode")
+    exit_code = int(code) if isinstance(code, int) else None
+    if exit_code == 0 and phase != "Failed":
+        return None
+    said, text = parse_termination_message(term.get("message"))
+    kube_reason = str(term.get("reason") or "")
+    if said in PERMANENT_REASONS or exit_code in PERMANENT_EXIT_CODES:
+        reason = said or EXIT_REASONS.get(exit_code or 0, "Error")
+        return Failure(name, node, exit_code, reason, _tail(text), False)
+    if kube_reason == "OOMKilled":
+        reason = "OOMKilled"
+    elif said and said != "Succeeded":
+        reason = said
+    elif exit_code in EXIT_REASONS:
+        reason = EXIT_REASONS[exit_code]
+    elif status.get("reason") in RETRYABLE_POD_REASONS:
+        reason = str(status["reason"])
+    else:
+        reason = kube_reason or "Error"
+    if phase == "Failed" and status.get("reason") in RETRYABLE_POD_REASONS:
+        reason = str(status["reason"])
+    return Failure(name, node, exit_code, reason, _tail(text), True)
+
+
+def restart_delay(restarts: int, base: float = 10.0, cap: float = 300.0) -> float:
+    """Back-off before gang restart number `restarts + 1`: base * 2^restarts, capped."""
+    return float(min(cap, base * (2 ** max(0, restarts))))
+
+
+@dataclass(frozen=True)
+class RestartDecision:
+    restart: bool
+    delay: float
+    reason: str
+    message: str
+
+
+def decide_restart(
+    failure: Failure, restarts: int, backoff_limit: int, base: float = 10.0
+) -> RestartDecision:
+    """Gang restart (delete every rank, relaunch after a back-off) or give up."""
+    what = f"{failure.pod} failed: {failure.reason}"
+    if failure.exit_code is not None:
+        what += f" (exit code {failure.exit_code})"
+    if failure.message:
+        what += f": {failure.message}"
+    if not failure.retryable:
+        return RestartDecision(False, 0.0, failure.reason, f"{what}; not retryable")
+    if restarts >= backoff_limit:
+        return RestartDecision(
+            False,
+            0.0,
+            "BackoffLimitExceeded",
+            f"{what}; backoffLimit {backoff_limit} reached after {restarts} restart(s)",
+        )
+    delay = restart_delay(restarts, base)
+    return RestartDecision(
+        True,
+        delay,
+        failure.reason,
+        f"{what}; gang restart {restarts + 1}/{backoff_limit} in {delay:g}s",
+    )
+
+
+# --------------------------------------------------------------------------- gates
+
+
+@dataclass
+class GateDecision:
+    passed: bool
+    results: list[Obj]
+    message: str
+    summary: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def parse_success_message(message: str | None) -> dict[str, float] | None:
+    """Final metrics from rank 0's `Succeeded: {json}` termination message."""
+    text = (message or "").strip()
+    if not text.startswith(SUCCESS_PREFIX):
+        return None
+    try:
+        data = json.loads(text[len(SUCCESS_PREFIX) :])
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    return {
+        str(k): float(v)
+        for k, v in data.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "n/a" if value is None else str(value)
+
+
+def decide_gates(spec: EvaluationSpec, task: str, final: Mapping[str, float]) -> GateDecision:
+    """Gate decision from the final metrics; the message lists each metric vs its threshold.
+
+    `mustBeatBase` needs the base model's metrics, which stay in eval.json: the trainer's
+    `gatesPassed` flag (in the success message) is authoritative for it.
+    """
+    tuned = {k: v for k, v in final.items() if k != "gatesPassed"}
+    explicit = EvaluationSpec.model_validate({**spec.wire(), "mustBeatBase": False})
+    results = check_gates(explicit, task, tuned, None)
+    parts = [
+        f"{r['metric']}={_fmt(r['actual'])} (needs {r['op']} {_fmt(r['value'])}) "
+        f"{'pass' if r['passed'] else 'FAIL'}"
+        for r in results
+    ]
+    passed = all(r["passed"] for r in results)
+    trainer_flag = final.get("gatesPassed")
+    if spec.must_beat_base:
+        name = primary_metric(task)
+        if passed:
+            # The explicit gates pass, so the trainer's overall flag is the mustBeatBase verdict.
+            beat = bool(trainer_flag)
+            verdict = "pass" if beat else "FAIL"
+        else:
+            beat, verdict = False, "not decided (see eval.json)"
+        parts.append(f"mustBeatBase on {name}={_fmt(tuned.get(name))} {verdict}")
+        results.append({"metric": name, "mustBeatBase": True, "passed": beat})
+        passed = passed and beat
+    elif trainer_flag is not None and not trainer_flag and passed:
+        # The trainer saw a failing gate the operator could not check: trust the trainer.
+        passed = False
+        parts.append("trainer reported failed gates (see eval.json)")
+    if not parts:
+        parts.append("no gates configured")
+    summary_metric = results[0]["metric"] if results else primary_metric(task)
+    value = tuned.get(summary_metric)
+    summary = f"{summary_metric}={_fmt(value)} {'PASS' if passed else 'FAIL'}"
+    message = ("gates passed: " if passed else "gates failed: ") + "; ".join(parts)
+    return GateDecision(passed, results, message, summary, dict(tuned))
+
+
+# --------------------------------------------------------------------------- progress
+
+
+@dataclass
+class Scrape:
+    """What rank 0's /metrics endpoint said."""
+
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: float | None = None
+    loss: float | None = None
+    tokens_per_second: float | None = None
+    checkpoint_step: int | None = None
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+_GAUGES = {
+    "kubetune_train_step": "step",
+    "kubetune_train_total_steps": "total_steps",
+    "kubetune_train_epoch": "epoch",
+    "kubetune_train_loss": "loss",
+    "kubetune_train_tokens_per_second": "tokens_per_second",
+    "kubetune_checkpoint_last_step": "checkpoint_step",
+}
+
+
+def parse_metrics(text: str) -> Scrape:
+    """Parse the trainer's Prometheus text exposition."""
+    out = Scrape()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            value = float(sample.value)
+            if not math.isfinite(value):
+                continue
+            attr = _GAUGES.get(sample.name)
+            if attr in ("step", "total_steps", "checkpoint_step"):
+                setattr(out, attr, int(value))
+            elif attr is not None:
+                setattr(out, attr, value)
+            elif sample.name == "kubetune_eval_metric":
+                key = f"{sample.labels.get('split', 'eval')}_{sample.labels.get('metric', '')}"
+                out.eval_metrics[key] = value
+    return out
+
+
+def progress_from_scrape(
+    scrape: Scrape, rate_steps_per_second: float | None = None
+) -> Progress | None:
+    if scrape.step is None:
+        return None
+    total = scrape.total_steps or 0
+    step = scrape.step
+    percent = min(100, int(100 * step / total)) if total > 0 else 0
+    eta: int | None = None
+    if rate_steps_per_second and rate_steps_per_second > 0 and total >= step:
+        eta = int((total - step) / rate_steps_per_second)
+    return Progress(
+        step=step,
+        total_steps=total,
+        epoch=scrape.epoch or 0.0,
+        percent=percent,
+        eta_seconds=eta,
+        tokens_per_second=scrape.tokens_per_second,
+        loss=scrape.loss,
+    )
+
+
+def progress_bar(percent: int, width: int = 30) -> str:
+    filled = max(0, min(width, round(width * percent / 100)))
+    return "[" + "#" * filled + "-" * (width - filled) + f"] {percent:3d}%"
+
+
+# --------------------------------------------------------------------------- spec changes
+
+
+def immutable_spec(spec_wire: Mapping[str, Any]) -> Obj:
+    """The part of a spec fixed at launch: all but runPolicy's lifecycle knobs and inference."""
+    fixed = {k: v for k, v in spec_wire.items() if k != "inference"}
+    policy = {
+        k: v for k, v in dict(fixed.get("runPolicy") or {}).items() if k not in MUTABLE_RUN_POLICY
+    }
+    fixed["runPolicy"] = policy
+    return fixed
+
+
+def spec_hash(spec: FineTuneJobSpec) -> str:
+    data = json.dumps(immutable_spec(spec.wire()), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+def changed_fields(
+    old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "spec"
+) -> list[str]:
+    """Dotted paths that differ between two wire dicts (for the SpecChangeRefused message)."""
+    out: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        path = f"{prefix}.{key}"
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out.extend(changed_fields(a, b, path))
+        elif a != b:
+            out.append(path)
+    return out
+
+
+# --------------------------------------------------------------------------- deadlines, TTL
+
+
+def deadline_exceeded(
+    start_time: str | None, active_deadline_seconds: int | None, now: datetime
+) -> bool:
+    started = parse_time(start_time)
+    if started is None or active_deadline_seconds is None:
+        return False
+    return (now - started).total_seconds() >= active_deadline_seconds
+
+
+def ttl_expired(completion_time: str | None, ttl_seconds: int | None, now: datetime) -> bool:
+    done = parse_time(completion_time)
+    if done is None or ttl_seconds is None:
+        return False
+    return (now - done).total_seconds() >= ttl_seconds
+
+
+def seconds_until(when: str | None, delay: float, now: datetime) -> float:
+    """Seconds left until `when + delay` (0 when due or unknown)."""
+    start = parse_time(when)
+    if start is None:
+        return 0.0
+    return max(0.0, delay - (now - start).total_seconds())

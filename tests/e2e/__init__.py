@@ -1,0 +1,1 @@
+"""End to end: FineTuneJobs through the operator on the test cluster."""

@@ -1,0 +1,144 @@
+"""Builders are pure: FineTuneJob -> manifest dicts with fixed names, no secrets inline."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kubetune_operator.api.models import FineTuneJob
+from kubetune_operator.builders import inference, pods
+from kubetune_operator.builders.configmap import CONFIG_KEY, build_config_map
+from kubetune_operator.builders.service import build_headless_service
+
+OWNER = {
+    "apiVersion": "kubetune.io/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "demo", "namespace": "ns", "uid": "u-1"},
+}
+
+
+def _job(**spec: Any) -> FineTuneJob:
+    base: dict[str, Any] = {
+        "task": "causal-lm",
+        "model": {"source": "builtin:tiny-llama"},
+        "data": {"train": "s3://data/train.jsonl", "format": "text"},
+        "storage": {
+            "bucket": "runs",
+            "prefix": "kt",
+            "endpoint": "http://127.0.0.1:9000",
+            "credentialsSecretRef": {"name": "s3-creds"},
+        },
+    }
+    base.update(spec)
+    return FineTuneJob.model_validate(
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "demo", "namespace": "ns"},
+            "spec": base,
+        }
+    )
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e for e in container["env"]}
+
+
+def test_configmap_holds_trainer_config_with_run_prefix() -> None:
+    cm = build_config_map(_job(), owner=OWNER)
+    assert cm["metadata"]["name"] == "demo-config"
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    cfg = json.loads(cm["data"][CONFIG_KEY])
+    assert cfg["output"]["uri"] == "s3://runs/kt/ns/demo"
+    assert cfg["output"]["s3Endpoint"] == "http://127.0.0.1:9000"
+    assert cfg["telemetry"]["terminationLog"] == "/dev/termination-log"
+    assert cfg["job"] == {"name": "demo", "namespace": "ns"}
+    assert "s3-creds" not in cm["data"][CONFIG_KEY]
+
+
+def test_headless_service_selects_ranks() -> None:
+    svc = build_headless_service(_job())
+    assert svc["metadata"]["name"] == "demo-ranks"
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {
+        "app.kubernetes.io/name": "kubetune",
+        "kubetune.io/job": "demo",
+        "kubetune.io/role": "rank",
+    }
+
+
+def test_single_rank_pod_runs_trainer_directly() -> None:
+    pod = pods.build_rank_pod(_job(), 0, 1, image="img:1", owner=OWNER)
+    assert pod["metadata"]["name"] == "demo-rank-0"
+    labels = pod["metadata"]["labels"]
+    assert labels["kubetune.io/rank"] == "0" and labels["kubetune.io/attempt"] == "1"
+    spec = pod["spec"]
+    assert spec["hostname"] == "demo-rank-0" and spec["subdomain"] == "demo-ranks"
+    assert spec["restartPolicy"] == "Never"
+    assert spec["terminationGracePeriodSeconds"] >= 60
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    c = spec["containers"][0]
+    assert c["command"] == ["python", "-m", "kubetune_trainer", "train"]
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in c["ports"]
+    env = _env(c)
+    assert env["MASTER_ADDR"]["value"] == "demo-rank-0.demo-ranks"
+    assert env["KUBETUNE_CONFIG"]["valueFrom"]["configMapKeyRef"]["name"] == "demo-config"
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-creds",
+        "key": "AWS_ACCESS_KEY_ID",
+    }
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://127.0.0.1:9000"
+    assert all("value" not in e for k, e in env.items() if k.startswith("AWS_") and "KEY" in k)
+
+
+def test_multi_node_pods_use_torchrun_and_scheduling_fields() -> None:
+    job = _job(
+        resources={
+            "nodes": 2,
+            "gpusPerNode": 0,
+            "nodeSelector": {"pool": "gpu"},
+            "tolerations": [{"key": "gpu", "operator": "Exists"}],
+            "priorityClassName": "high",
+        }
+    )
+    gang = pods.build_rank_pods(job, 3, image="img")
+    assert [p["metadata"]["name"] for p in gang] == ["demo-rank-0", "demo-rank-1"]
+    c = gang[1]["spec"]["containers"][0]
+    assert c["command"][:3] == ["python", "-m", "torch.distributed.run"]
+    assert "$(NODE_RANK)" in c["command"]
+    env = _env(c)
+    assert env["NODE_RANK"]["value"] == "1" and env["NNODES"]["value"] == "2"
+    assert env["NPROC_PER_NODE"]["value"] == "1"
+    assert "nvidia.com/gpu" not in c["resources"]["limits"]
+    assert gang[1]["spec"]["nodeSelector"] == {"pool": "gpu"}
+    assert gang[1]["spec"]["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert gang[1]["spec"]["priorityClassName"] == "high"
+    assert "ownerReferences" not in gang[0]["metadata"]
+
+
+def test_builders_are_deterministic() -> None:
+    job = _job()
+    assert pods.build_rank_pod(job, 0, 1, image="i") == pods.build_rank_pod(job, 0, 1, image="i")
+
+
+def test_inference_deployment_and_service() -> None:
+    job = _job(inference={"enabled": True, "replicas": 2, "port": 8081})
+    dep = inference.build_deployment(job, image="img", owner=OWNER)
+    assert dep["metadata"]["name"] == "demo-serve"
+    assert dep["spec"]["replicas"] == 2
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"][:4] == ["python", "-m", "kubetune_trainer", "serve"]
+    assert c["command"][c["command"].index("--model") + 1] == "s3://runs/kt/ns/demo/model"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8081}
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert _env(c)["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
+    assert c["securityContext"]["runAsNonRoot"] is True
+    svc = inference.build_serve_service(job)
+    assert svc["metadata"]["name"] == "demo-serve"
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert inference.endpoint(job) == "http://demo-serve.ns.svc:8081"

@@ -1,0 +1,72 @@
+"""Pure parts of the engine: step planning, DeepSpeed config, gates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune_trainer.config import EvaluationSpec, TrainerConfig, check_gates
+from kubetune_trainer.engine import DistEnv, deepspeed_config, plan_steps
+
+
+def cfg(**over: Any) -> TrainerConfig:
+    base: dict[str, Any] = {
+        "task": "causal-lm",
+        "model": {"source": "builtin:tiny-llama"},
+        "data": {"train": "t.jsonl", "format": "text"},
+        "job": {"name": "j"},
+        "output": {"uri": "/tmp/x"},
+    }
+    base.update(over)
+    return TrainerConfig.model_validate(base)
+
+
+CPU = DistEnv(rank=0, world_size=1, local_rank=0, use_cuda=False)
+
+
+def test_plan_steps_epochs_and_max_steps() -> None:
+    c = cfg(hyperparameters={"perDeviceBatchSize": 4, "epochs": 2})
+    assert plan_steps(c, 40, 1) == (10, 20)
+    assert plan_steps(c, 40, 2) == (5, 10)
+    c = cfg(hyperparameters={"perDeviceBatchSize": 4, "epochs": 2, "maxSteps": 7})
+    assert plan_steps(c, 40, 1) == (10, 7)
+    c = cfg(hyperparameters={"perDeviceBatchSize": 4, "gradientAccumulationSteps": 2})
+    assert plan_steps(c, 40, 1)[0] == 5
+
+
+def test_deepspeed_config_from_spec() -> None:
+    conf = deepspeed_config(cfg(deepspeed={"zeroStage": 3, "offload": "cpu"}), CPU)
+    assert conf["zero_optimization"]["stage"] == 3
+    assert conf["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert conf["zero_optimization"]["offload_param"] == {"device": "cpu"}
+    assert conf["bf16"] == {"enabled": False}  # CPU: fp32
+    assert conf["zero_allow_untested_optimizer"] is True
+
+
+def test_user_deepspeed_config_keeps_spec_batch_geometry() -> None:
+    user = {"zero_optimization": {"stage": 1}, "train_batch_size": 999}
+    c = cfg(deepspeed={"config": user}, hyperparameters={"perDeviceBatchSize": 2})
+    conf = deepspeed_config(c, CPU)
+    assert conf["zero_optimization"] == {"stage": 1}
+    assert conf["train_micro_batch_size_per_gpu"] == 2
+    assert "train_batch_size" not in conf
+
+
+def test_gates_and_must_beat_base() -> None:
+    spec = EvaluationSpec.model_validate(
+        {
+            "gates": [
+                {"metric": "f1", "op": ">=", "value": 0.5},
+                {"metric": "bleu", "op": ">", "value": 1},
+            ],
+            "mustBeatBase": True,
+        }
+    )
+    res = check_gates(
+        spec, "sequence-classification", {"f1_macro": 0.7, "accuracy": 0.8}, {"accuracy": 0.2}
+    )
+    assert [r["passed"] for r in res] == [True, False, True]
+    assert res[1]["actual"] is None  # a gate on a metric never computed fails
+    res = check_gates(
+        EvaluationSpec(must_beat_base=True), "causal-lm", {"loss": 2.0}, {"loss": 1.5}
+    )
+    assert res[0]["passed"] is False

@@ -1,0 +1,161 @@
+"""Pure status logic: conditions, failure classification, restarts, gates, progress."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from kubetune_operator import status as st
+from kubetune_operator.api.models import FineTuneJobSpec, FineTuneJobStatus
+from kubetune_trainer.config import EvaluationSpec
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def _pod(
+    code: int | None, message: str = "", reason: str = "Error", phase: str = "Failed", **extra: Any
+) -> dict[str, Any]:
+    state: dict[str, Any] = {"running": {}}
+    if code is not None:
+        state = {"terminated": {"exitCode": code, "message": message, "reason": reason}}
+    return {
+        "metadata": {"name": "job-rank-0"},
+        "spec": {"nodeName": "gpu-node-0"},
+        "status": {"phase": phase, "containerStatuses": [{"state": state}], **extra},
+    }
+
+
+def test_set_condition_keeps_transition_time_when_status_is_unchanged() -> None:
+    s = FineTuneJobStatus()
+    assert st.set_condition(s, "Launched", True, "Launched", "a", now=T0)
+    assert not st.set_condition(s, "Launched", True, "Launched", "a", now=T0 + timedelta(1))
+    assert st.set_condition(s, "Launched", True, "Launched", "b", now=T0 + timedelta(1))
+    cond = st.get_condition(s, "Launched")
+    assert cond is not None and cond.last_transition_time == "2024-01-01T00:00:00Z"
+    st.set_condition(s, "Launched", False, "GangRestart", now=T0 + timedelta(days=2))
+    cond = st.get_condition(s, "Launched")
+    assert cond is not None and cond.last_transition_time == "2024-01-03T00:00:00Z"
+    assert not st.is_true(s, "Launched")
+    assert st.remove_condition(s, "Launched") and s.conditions == []
+
+
+def test_running_and_succeeded_pods_are_not_failures() -> None:
+    assert st.classify_failure(_pod(None, phase="Running")) is None
+    assert st.classify_failure(_pod(0, "Succeeded: {}", "Completed", "Succeeded")) is None
+
+
+def test_permanent_failures() -> None:
+    f = st.classify_failure(_pod(3, "InvalidData: row 4 has no label"))
+    assert f is not None and not f.retryable
+    assert (f.reason, f.exit_code, f.message) == ("InvalidData", 3, "row 4 has no label")
+    assert f.node == "gpu-node-0" and f.pod == "job-rank-0"
+    f = st.classify_failure(_pod(2, "some traceback\nmore lines"))
+    assert f is not None and not f.retryable and f.reason == "InvalidSpec"
+
+
+def test_retryable_failures() -> None:
+    cases = {
+        137: ("", "Error", "Killed"),
+        143: ("Interrupted: checkpoint saved", "Error", "Interrupted"),
+        4: ("OutOfMemory: CUDA out of memory", "Error", "OutOfMemory"),
+        5: ("StorageUnavailable: connect refused", "Error", "StorageUnavailable"),
+        1: ("Error: boom", "Error", "Error"),
+    }
+    for code, (msg, kube_reason, want) in cases.items():
+        f = st.classify_failure(_pod(code, msg, kube_reason))
+        assert f is not None and f.retryable, code
+        assert f.reason == want, (code, f.reason)
+    f = st.classify_failure(_pod(137, "", "OOMKilled"))
+    assert f is not None and f.retryable and f.reason == "OOMKilled"
+    evicted = {"metadata": {"name": "p"}, "status": {"phase": "Failed", "reason": "Evicted"}}
+    f = st.classify_failure(evicted)
+    assert f is not None and f.retryable and f.reason == "Evicted"
+
+
+def test_restart_decision_backoff_and_limit() -> None:
+    f = st.Failure("p", "n", 137, "Killed", "", True)
+    assert [st.restart_delay(i) for i in range(6)] == [10, 20, 40, 80, 160, 300]
+    d = st.decide_restart(f, 0, 3)
+    assert d.restart and d.delay == 10 and "gang restart 1/3" in d.message
+    d = st.decide_restart(f, 3, 3)
+    assert not d.restart and d.reason == "BackoffLimitExceeded"
+    permanent = st.Failure("p", "n", 3, "InvalidData", "bad row", False)
+    d = st.decide_restart(permanent, 0, 3)
+    assert not d.restart and d.reason == "InvalidData" and "bad row" in d.message
+
+
+def test_success_message_and_gates() -> None:
+    final = st.parse_success_message('Succeeded: {"accuracy":0.93,"loss":0.2,"gatesPassed":1}')
+    assert final == {"accuracy": 0.93, "loss": 0.2, "gatesPassed": 1.0}
+    assert st.parse_success_message("Error: x") is None
+    spec = EvaluationSpec.model_validate(
+        {"gates": [{"metric": "accuracy", "op": ">=", "value": 0.8}]}
+    )
+    d = st.decide_gates(spec, "sequence-classification", final)
+    assert d.passed and d.summary == "accuracy=0.93 PASS"
+    assert "accuracy=0.93 (needs >= 0.8) pass" in d.message
+    bad = st.decide_gates(spec, "sequence-classification", {"accuracy": 0.5, "gatesPassed": 0})
+    assert not bad.passed and bad.summary == "accuracy=0.5 FAIL"
+    assert "accuracy=0.5 (needs >= 0.8) FAIL" in bad.message
+
+
+def test_must_beat_base_trusts_the_trainer_flag() -> None:
+    spec = EvaluationSpec.model_validate({"mustBeatBase": True})
+    assert st.decide_gates(spec, "causal-lm", {"loss": 1.0, "gatesPassed": 1}).passed
+    d = st.decide_gates(spec, "causal-lm", {"loss": 1.0, "gatesPassed": 0})
+    assert not d.passed and "mustBeatBase on loss=1 FAIL" in d.message
+    none = st.decide_gates(EvaluationSpec(), "causal-lm", {"loss": 1.0})
+    assert none.passed and none.summary == "loss=1 PASS"
+
+
+METRICS = """
+# HELP kubetune_train_step Latest optimizer step.
+# TYPE kubetune_train_step gauge
+kubetune_train_step{job="j",namespace="n"} 30.0
+kubetune_train_total_steps{job="j",namespace="n"} 120.0
+kubetune_train_loss{job="j",namespace="n"} 1.25
+kubetune_train_epoch{job="j",namespace="n"} 0.5
+kubetune_train_tokens_per_second{job="j",namespace="n"} 900.0
+kubetune_checkpoint_last_step{job="j",namespace="n"} 20.0
+kubetune_eval_metric{job="j",metric="loss",namespace="n",split="validation"} 1.5
+"""
+
+
+def test_progress_from_metrics() -> None:
+    scrape = st.parse_metrics(METRICS)
+    assert scrape.step == 30 and scrape.total_steps == 120 and scrape.checkpoint_step == 20
+    assert scrape.eval_metrics == {"validation_loss": 1.5}
+    p = st.progress_from_scrape(scrape, rate_steps_per_second=2.0)
+    assert p is not None
+    assert (p.percent, p.eta_seconds, p.loss, p.tokens_per_second) == (25, 45, 1.25, 900.0)
+    assert st.progress_from_scrape(st.Scrape()) is None
+    assert st.progress_bar(50, 10) == "[#####-----]  50%"
+
+
+def test_spec_hash_ignores_mutable_fields() -> None:
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "task": "causal-lm",
+            "model": {"source": "builtin:tiny-llama"},
+            "data": {"train": "s3://bucket/t.jsonl", "format": "text"},
+        }
+    )
+    h = st.spec_hash(spec)
+    mutable = spec.model_copy(deep=True)
+    mutable.run_policy.suspend = True
+    mutable.run_policy.backoff_limit = 9
+    mutable.inference.replicas = 3
+    assert st.spec_hash(mutable) == h
+    fixed = spec.model_copy(deep=True)
+    fixed.hyperparameters.learning_rate = 0.1
+    assert st.spec_hash(fixed) != h
+    assert st.changed_fields(spec.wire(), fixed.wire()) == ["spec.hyperparameters.learningRate"]
+
+
+def test_deadline_and_ttl() -> None:
+    assert st.deadline_exceeded("2024-01-01T00:00:00Z", 60, T0 + timedelta(seconds=61))
+    assert not st.deadline_exceeded("2024-01-01T00:00:00Z", 60, T0 + timedelta(seconds=59))
+    assert not st.deadline_exceeded(None, 60, T0)
+    assert st.ttl_expired("2024-01-01T00:00:00Z", 0, T0)
+    assert not st.ttl_expired("2024-01-01T00:00:00Z", None, T0)
+    assert st.seconds_until("2024-01-01T00:00:00Z", 10, T0 + timedelta(seconds=4)) == 6

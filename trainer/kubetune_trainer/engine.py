@@ -1,0 +1,421 @@
+"""The DeepSpeed engine and the training loop: steps, validation, early stopping, checkpoints.
+
+Built on `deepspeed.initialize` rather than the HF Trainer: the loop owns the data position, so a
+resumed run continues with exactly the batches it would have seen, and every rank provably reads
+its own shard (DistributedSampler), which the HF Trainer on CPU does not do under torchrun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune_trainer.builtin_models import cache_dir
+from kubetune_trainer.checkpoint import CheckpointManager
+from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.evaluate import loss_and_predictions
+from kubetune_trainer.metrics import classification_metrics, perplexity
+from kubetune_trainer.tokenization import IGNORE, Collator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    use_cuda: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed() -> DistEnv:
+    """Join the process group (gloo on CPU, NCCL on GPU). A lone process forms a group of one.
+
+    Without RANK/WORLD_SIZE/... DeepSpeed falls back to MPI discovery and fails on a missing
+    mpi4py, so a local single-process run sets them itself.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
+    import torch
+
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed JIT-compiles C++ ops into this folder: keep it in the project cache.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+    import deepspeed
+
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+    env = DistEnv(
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        use_cuda=use_cuda,
+    )
+    if use_cuda:
+        torch.cuda.set_device(env.local_rank)
+    return env
+
+
+def precision_of(cfg: TrainerConfig, env: DistEnv) -> str:
+    wanted = cfg.hyperparameters.precision
+    if wanted != "auto":
+        return wanted
+    if env.use_cuda:
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def deepspeed_config(cfg: TrainerConfig, env: DistEnv) -> dict[str, Any]:
+    """The DeepSpeed config for this run: the user's full config, or one built from the spec."""
+    hp = cfg.hyperparameters
+    ds = cfg.deepspeed
+    precision = precision_of(cfg, env)
+    if ds.config is not None:
+        conf = dict(ds.config)
+    else:
+        zero: dict[str, Any] = {"stage": ds.zero_stage}
+        if ds.offload == "cpu" and ds.zero_stage > 0:
+            zero["offload_optimizer"] = {"device": "cpu"}
+            if ds.zero_stage == 3:
+                zero["offload_param"] = {"device": "cpu"}
+        if ds.zero_stage == 3:
+            # Without this a ZeRO-3 checkpoint holds no consolidated weights.
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+        conf = {
+            "zero_optimization": zero,
+            "bf16": {"enabled": precision == "bf16"},
+            "fp16": {"enabled": precision == "fp16"},
+        }
+    # Batch geometry always comes from the spec, so the data position stays meaningful.
+    conf["train_micro_batch_size_per_gpu"] = hp.per_device_batch_size
+    conf["gradient_accumulation_steps"] = hp.gradient_accumulation_steps
+    conf.pop("train_batch_size", None)
+    conf.setdefault("gradient_clipping", hp.max_grad_norm)
+    # A torch optimizer is passed in: DeepSpeed's fused/cpu Adam would JIT-compile for minutes.
+    conf["zero_allow_untested_optimizer"] = True
+    conf.setdefault("steps_per_print", 10**9)
+    conf.setdefault("wall_clock_breakdown", False)
+    return conf
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must carry besides weights and optimizer: where training stood."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    tokens_seen: int = 0
+    best_metric: float | None = None
+    evals_without_improvement: int = 0
+    resumed_from: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        py_state = random.getstate()
+        np_state: Any = np.random.get_state()
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batchInEpoch": self.batch_in_epoch,
+            "tokensSeen": self.tokens_seen,
+            "bestMetric": self.best_metric,
+            "evalsWithoutImprovement": self.evals_without_improvement,
+            "history": self.history[-200:],
+            "rng": {
+                "python": [py_state[0], list(py_state[1]), py_state[2]],
+                "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+                "torch": torch.get_rng_state().tolist(),
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainState:
+        import numpy as np
+        import torch
+
+        rng = data["rng"]
+        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+        np_state = rng["numpy"]
+        np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        return cls(
+            step=data["step"],
+            epoch=data["epoch"],
+            batch_in_epoch=data["batchInEpoch"],
+            tokens_seen=data["tokensSeen"],
+            best_metric=data["bestMetric"],
+            evals_without_improvement=data["evalsWithoutImprovement"],
+            resumed_from=data["step"],
+            history=list(data.get("history", [])),
+        )
+
+
+@dataclass
+class TrainHooks:
+    """Callbacks from the loop to telemetry and the CLI."""
+
+    on_step: Callable[[int, int, float, float, float, int], None] | None = None
+    on_eval: Callable[[int, dict[str, float]], None] | None = None
+    interrupted: Callable[[], bool] = lambda: False
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    total_steps: int
+    stopped_early: bool
+    interrupted: bool
+    engine: Any
+
+
+def plan_steps(cfg: TrainerConfig, n_train: int, world_size: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    hp = cfg.hyperparameters
+    micro_per_epoch = math.ceil(math.ceil(n_train / world_size) / hp.per_device_batch_size)
+    per_epoch = max(1, micro_per_epoch // hp.gradient_accumulation_steps)
+    total = max(1, math.floor(per_epoch * hp.epochs))
+    if hp.max_steps is not None:
+        total = min(total, hp.max_steps) if hp.epochs else hp.max_steps
+    return per_epoch, total
+
+
+class _Batches:
+    """The micro-batches of one epoch for one rank, optionally skipping the first k."""
+
+    def __init__(self, sampler: Any, feats: list[dict[str, Any]], bs: int, collator: Collator):
+        self.sampler, self.feats, self.bs, self.collator = sampler, feats, bs, collator
+
+    def epoch(self, epoch: int, skip: int) -> Iterator[dict[str, Any]]:
+        self.sampler.set_epoch(epoch)
+        order = list(self.sampler)
+        trace = os.environ.get("KUBETUNE_TRACE_DATA")
+        if trace:
+            # Debug aid (and test hook): which samples this rank reads, to prove sharding.
+            path = Path(trace) / f"rank-{self.sampler.rank}-epoch-{epoch}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(order[skip * self.bs :]))
+        for start in range(skip * self.bs, len(order) - self.bs + 1, self.bs):
+            yield self.collator([self.feats[i] for i in order[start : start + self.bs]])
+
+
+def _improved(cfg: TrainerConfig, value: float, best: float | None) -> bool:
+    es = cfg.early_stopping
+    if best is None:
+        return True
+    if es.mode == "min":
+        return value < best - es.min_delta
+    return value > best + es.min_delta
+
+
+def train(
+    cfg: TrainerConfig,
+    model: Any,
+    train_feats: list[dict[str, Any]],
+    val_feats: list[dict[str, Any]],
+    *,
+    pad_id: int,
+    labels: list[str] | None,
+    env: DistEnv,
+    checkpoints: CheckpointManager,
+    hooks: TrainHooks,
+) -> TrainResult:
+    import deepspeed
+    import torch
+    from torch.utils.data import DistributedSampler
+    from transformers import get_scheduler
+
+    hp = cfg.hyperparameters
+    random.seed(hp.seed)
+    torch.manual_seed(hp.seed)
+    per_epoch, total_steps = plan_steps(cfg, len(train_feats), env.world_size)
+    warmup = hp.warmup_steps if hp.warmup_steps is not None else int(total_steps * hp.warmup_ratio)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    scheduler = get_scheduler(
+        hp.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, env),
+    )
+    device = engine.device
+    collator = Collator(pad_id, cfg.task)
+    sampler: DistributedSampler[int] = DistributedSampler(
+        range(len(train_feats)),  # type: ignore[arg-type]
+        num_replicas=env.world_size,
+        rank=env.rank,
+        shuffle=True,
+        seed=hp.seed,
+        drop_last=True,
+    )
+    batches = _Batches(sampler, train_feats, hp.per_device_batch_size, collator)
+
+    state = TrainState()
+    if cfg.checkpointing.resume != "never":
+        restored = checkpoints.restore(engine)
+        if restored is not None:
+            state = TrainState.from_json(restored)
+        elif cfg.checkpointing.resume == "required":
+            raise RuntimeError("checkpointing.resume is 'required' but the store has no checkpoint")
+    eval_every = cfg.evaluation.every_steps or per_epoch
+    es = cfg.early_stopping
+    stopped_early = interrupted = False
+    last_saved = state.step
+    step_started = time.monotonic()
+    micro_losses: list[float] = []
+    step_tokens = 0
+
+    def validate() -> dict[str, float]:
+        engine.eval()
+        loss, preds = loss_and_predictions(
+            lambda b: engine(**b),
+            val_feats,
+            collator,
+            batch_size=hp.per_device_batch_size,
+            task=cfg.task,
+            device=device,
+        )
+        engine.train()
+        metrics = {"loss": loss}
+        if cfg.task == "causal-lm":
+            metrics["perplexity"] = perplexity(loss)
+        elif labels is not None:
+            cls = classification_metrics(preds, [int(f["label"]) for f in val_feats], labels)
+            metrics["accuracy"], metrics["f1"] = cls["accuracy"], cls["f1_macro"]
+        return metrics
+
+    def save() -> None:
+        nonlocal last_saved
+        checkpoints.save(engine, state.step, state.to_json())
+        last_saved = state.step
+
+    engine.train()
+    done = state.step >= total_steps
+    epoch = state.epoch
+    while not done:
+        skip = state.batch_in_epoch * hp.gradient_accumulation_steps if epoch == state.epoch else 0
+        for batch in batches.epoch(epoch, skip):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            boundary = engine.is_gradient_accumulation_boundary()
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            micro_losses.append(float(loss.detach()))
+            if cfg.task == "causal-lm":
+                step_tokens += int((batch["labels"] != IGNORE).sum()) * env.world_size
+            else:
+                step_tokens += int(batch["attention_mask"].sum()) * env.world_size
+            if not boundary:
+                continue
+            state.step += 1
+            state.batch_in_epoch += 1
+            state.epoch = epoch
+            elapsed = time.monotonic() - step_started
+            step_loss = sum(micro_losses) / len(micro_losses)
+            state.tokens_seen += step_tokens
+            if hooks.on_step:
+                frac_epoch = epoch + state.batch_in_epoch / per_epoch
+                hooks.on_step(state.step, total_steps, frac_epoch, step_loss, elapsed, step_tokens)
+            state.history.append({"step": state.step, "loss": round(step_loss, 5)})
+            micro_losses, step_tokens = [], 0
+            step_started = time.monotonic()
+
+            if val_feats and (state.step % eval_every == 0 or state.step == total_steps):
+                metrics = validate()
+                if hooks.on_eval:
+                    hooks.on_eval(state.step, metrics)
+                state.history.append({"step": state.step, "validation": metrics})
+                if es.enabled:
+                    watched = metrics.get("f1" if es.metric == "f1_macro" else es.metric)
+                    if watched is None:
+                        raise ValueError(
+                            f"earlyStopping.metric {es.metric!r} is not computed for this task; "
+                            f"accepted: {', '.join(sorted(metrics))}"
+                        )
+                    if _improved(cfg, watched, state.best_metric):
+                        state.best_metric, state.evals_without_improvement = watched, 0
+                    else:
+                        state.evals_without_improvement += 1
+                        stopped_early = state.evals_without_improvement >= es.patience
+            if state.step % cfg.checkpointing.every_steps == 0:
+                save()
+            if hooks.interrupted():
+                interrupted = True
+            if stopped_early or interrupted or state.step >= total_steps:
+                done = True
+                break
+        else:
+            epoch += 1
+            state.batch_in_epoch = 0
+            state.epoch = epoch
+    if state.step != last_saved:
+        save()
+    checkpoints.wait()
+    if stopped_early:
+        log.info("early stopping at step %d (%s did not improve)", state.step, es.metric)
+    return TrainResult(state, total_steps, stopped_early, interrupted, engine)
+
+
+def gathered(engine: Any) -> contextlib.AbstractContextManager[Any]:
+    """Full parameters on every rank for the duration (ZeRO-3 partitions them)."""
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        ctx: contextlib.AbstractContextManager[Any] = deepspeed.zero.GatheredParameters(
+            list(engine.module.parameters()), modifier_rank=None
+        )
+        return ctx
+    return contextlib.nullcontext()
+
+
+def save_model(engine: Any, tok: Any, out: Path, *, merge: bool, env: DistEnv) -> None:
+    """Write the final model (merged or adapter) and tokenizer to `out` on rank 0."""
+    import torch
+
+    module = engine.module
+    with gathered(engine):
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            if hasattr(module, "merge_and_unload") and merge:
+                module = module.merge_and_unload()
+            module.to(torch.float32).save_pretrained(str(out), safe_serialization=True)
+            tok.save_pretrained(str(out))
