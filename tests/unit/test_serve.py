@@ -759,3 +759,12 @@ def test_serves_model_downloaded_from_s3(
         assert r.status_code == 200, r.text
     finally:
         stop_server(server)
+
+
+def test_classify_accepts_curl_form_content_type(classifier_server: Server) -> None:
+    # `curl -d '{...}'` sends application/x-www-form-urlencoded; every endpoint takes JSON.
+    url = f"{classifier_server.url}/v1/classify"
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    ok = httpx.post(url, content=b'{"text": "printer jammed again"}', headers=form)
+    assert ok.status_code == 200 and ok.json()["results"][0]["label"]
+    assert_error(httpx.post(url, content=b"", headers=form), 400, None, "empty")

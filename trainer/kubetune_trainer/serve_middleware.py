@@ -121,6 +121,11 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if ctype in (b"", b"application/x-www-form-urlencoded", b"text/plain"):
+            # Every endpoint takes JSON: `curl -d '{...}'` labels it a form; read it as JSON.
+            rest = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*rest, (b"content-type", b"application/json")]}
         declared = headers.get(b"content-length")
         if declared is not None:
             try:
