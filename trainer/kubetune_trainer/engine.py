@@ -74,6 +74,10 @@ def init_distributed() -> DistEnv:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
     import deepspeed
 
+    if not use_cuda:
+        # Otherwise DeepSpeed JIT-compiles a shared-memory allreduce op at every CPU start
+        # (~35 s and 1.5 GB, and a stale build lock hangs the next run); gloo suffices here.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
     env = DistEnv(
