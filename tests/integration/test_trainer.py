@@ -217,7 +217,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_interrupted(tmp_path: Path) -> Non
 
 def test_bad_data_fails_with_invalid_data(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [\n')
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    good = json.dumps({"messages": turns})
+    bad.write_text(good + '\n{"messages": [\n')
     cfg = config(tmp_path, data={"train": str(bad), "validation": None, "test": None})
     rc, out = finish(start(tmp_path, cfg))
     assert rc == 3, out
