@@ -388,8 +388,13 @@ def _run(
 
 
 def _quiet_libraries() -> None:
-    """Load reports and per-file progress bars drown the run's own progress; keep warnings."""
+    """Load reports and per-file progress bars drown the run's own progress; keep warnings,
+    except a deprecation that DeepSpeed's own call into transformers raises on every run."""
+    import warnings
+
     from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
