@@ -394,7 +394,9 @@ def _quiet_libraries() -> None:
 
     from transformers.utils import logging as hf_logging
 
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+    )
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
