@@ -8,11 +8,21 @@ container (command overridden by `operator.command`, since there is no image) wi
 ServiceAccount token, and kopf's /healthz must answer on the pod IP.
 The cluster-wide release runs 0 replicas: an operator watching every namespace would act on
 other tests' jobs in this shared control plane.
+
+The happy-path test takes a FineTuneJob from apply to a Ready inference Deployment with the
+operator authenticated only by a TokenRequest token of the chart's ServiceAccount: the chart's
+own container (command, args and env read back from the installed Deployment) runs as a local
+process, so its log and lifetime stay in the test's hands. Every request it makes is authorized
+by the chart's RBAC, so the job finishing proves that RBAC sufficient.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +32,8 @@ import pytest
 import yaml
 
 from tests.chart.helm import CHART, helm, helm_env
-from tests.cluster.controlplane import ControlPlane, free_port, wait_for
+from tests.cluster.controlplane import ControlPlane, free_port, wait_for, write_kubeconfig
+from tests.e2e.conftest import SECRET, Operator, chat_job, condition, get_job, wait_phase
 
 pytestmark = pytest.mark.cluster
 
@@ -391,3 +402,188 @@ def test_cluster_wide_rbac(
     finally:
         helm_cp("uninstall", release, "-n", namespace, check=False)
         cp.delete_namespace(other)
+
+
+# --------------------------------------------------------------------------- happy path
+
+TRAIN_TIMEOUT = 420
+# What the apiserver answers when RBAC denies a request, in any of the ways kopf, the
+# kubernetes client and the operator log it.
+FORBIDDEN = re.compile(r"\b403\b|Forbidden")
+
+
+def token_request(cp: ControlPlane, namespace: str, sa: str) -> str:
+    """A bound token for ``namespace/sa`` (TokenRequest), like the kubelet mounts into a pod."""
+    status, body = cp.request(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/serviceaccounts/{sa}/token",
+        {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": 3600},
+        },
+    )
+    assert status == 201, body
+    return str(body["status"]["token"])
+
+
+class ChartOperator(Operator):
+    """The installed Deployment's operator container as a local process, as its ServiceAccount.
+
+    argv and env come from the Deployment the chart rendered (only the image's interpreter is
+    this venv's), and the only credentials are the kubeconfig with the ServiceAccount token.
+    """
+
+    def __init__(
+        self, cp: ControlPlane, deployment: dict[str, Any], kubeconfig: Path, log_path: Path
+    ) -> None:
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        args = container["args"]
+        namespaces = [a.split("=", 1)[1] for a in args if a.startswith("--namespace=")]
+        super().__init__(cp, ",".join(namespaces), log_path)
+        command = list(container["command"])
+        assert command[0] == "kopf", command
+        self.argv = [str(Path(sys.executable).parent / "kopf"), *command[1:], *args]
+        self.env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        assert not any("$(" in v for v in self.env.values()), self.env  # nothing left to expand
+        self.kubeconfig = kubeconfig
+
+    def start(self) -> None:
+        # No in-cluster or admin credentials may leak in from this process's environment.
+        drop = {"KUBETUNE_KUBECONFIG", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"}
+        env = {k: v for k, v in os.environ.items() if k not in drop}
+        env.update(self.env, KUBECONFIG=str(self.kubeconfig))
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=str(CHART.parents[1]),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+
+def test_happy_path_under_the_chart_service_account(
+    control_plane: ControlPlane,
+    helm_cp: Helm,
+    namespace: str,
+    s3: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """Namespace-scoped release in its own namespace, watching the job namespace (``namespace``,
+    where the s3 fixture put the credentials Secret): the narrowest RBAC the chart renders."""
+    cp, jobs = control_plane, namespace
+    release = "ktop"
+    system = cp.create_namespace(f"{namespace[:50]}-sys")
+    health_port, metrics_port = free_port(), free_port()
+    values: dict[str, Any] = {
+        "watchNamespaces": [jobs],
+        "operator": {
+            # Run below as a local process instead: the test needs its log and a say over its
+            # lifetime (the job's finalizer must come off before the namespace goes).
+            "replicas": 0,
+            "command": ["kopf", "run", "-m", "kubetune_operator.main"],
+            "bindAddress": "127.0.0.1",
+            "healthPort": health_port,
+            "metricsPort": metrics_port,
+            "extraEnv": [{"name": "KUBETUNE_RESTART_BACKOFF_SECONDS", "value": "2"}],
+        },
+        "trainer": {"image": {"repository": "kubetune/trainer", "tag": "test"}},
+    }
+    op: ChartOperator | None = None
+    try:
+        adopt_crd(cp, release, system)
+        helm_cp("install", release, str(CHART), "-n", system, "-f", values_file(tmp_path, values))
+        cp.kubectl("wait", "--for=condition=Established", f"crd/{CRD}", "--timeout=60s")
+        sa = f"{release}-kubetune"
+        token = token_request(cp, system, sa)
+        kubeconfig = tmp_path / "operator.kubeconfig"
+        write_kubeconfig(
+            kubeconfig, cp.server, cp.pki / "ca.crt", token, f"system:serviceaccount:{system}:{sa}"
+        )
+
+        # --- the token the operator runs with cannot read Secrets cluster-wide
+        assert cp.request("GET", "/api/v1/secrets", token=token)[0] == 403
+        assert not can(cp, token, "list", "secrets")
+        assert not can(cp, token, "get", "secrets")
+        assert cp.request("GET", f"/api/v1/namespaces/{system}/secrets", token=token)[0] == 403
+        # ... nor list them where it works, only get the one a job names.
+        assert cp.request("GET", f"/api/v1/namespaces/{jobs}/secrets", token=token)[0] == 403
+        secret = f"/api/v1/namespaces/{jobs}/secrets/{SECRET}"
+        assert cp.request("GET", secret, token=token)[0] == 200
+
+        dep = cp.get_json(
+            f"/apis/apps/v1/namespaces/{system}/deployments/{release}-kubetune-operator"
+        )
+        op = ChartOperator(cp, dep, kubeconfig, tmp_path / "operator.log")
+        assert op.namespace == jobs
+        assert op.env["KUBETUNE_TRAINER_IMAGE"] == "kubetune/trainer:test"
+        op.start()
+
+        def healthy() -> bool:
+            if op is not None and op.proc is not None and op.proc.poll() is not None:
+                raise AssertionError(f"operator exited {op.proc.returncode}:\n{op.log()[-3000:]}")
+            url = f"http://127.0.0.1:{health_port}/healthz"
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return bool(resp.status == 200)
+
+        wait_for("kopf /healthz of the operator", healthy, 90, 0.5)
+
+        # --- the happy path: trained, evaluated, gates pass, served
+        job = chat_job(
+            "happy",
+            s3,
+            evaluation={"gates": [{"metric": "loss", "op": "<", "value": 100.0}]},
+            inference={"enabled": True, "resources": {"cpu": "1", "memory": "2Gi"}},
+        )
+        cp.apply(job, jobs)
+        done = wait_phase(cp, op, jobs, "happy", {"Succeeded", "Failed"}, TRAIN_TIMEOUT)
+        status = done["status"]
+        assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+        for type_ in ("Validated", "Launched", "Trained", "Evaluated", "Serving"):
+            cond = condition(done, type_)
+            assert cond is not None and cond["status"] == "True", (type_, cond)
+        assert status["evalSummary"].endswith("PASS")
+        assert status["endpoint"] == f"http://happy-serve.{jobs}.svc:8080"
+        assert status["restarts"] == 0
+
+        rank = cp.pod(jobs, "happy-rank-0")
+        assert rank["spec"]["containers"][0]["image"] == "kubetune/trainer:test"  # from values
+        serve = cp.get_json(f"/apis/apps/v1/namespaces/{jobs}/deployments/happy-serve")
+        assert serve["status"].get("readyReplicas") == serve["spec"]["replicas"] == 1
+        pods = cp.pods(jobs, "kubetune.io/job=happy,kubetune.io/role=serve")
+        assert len(pods) == 1
+        url = f"http://{pods[0]['status']['podIP']}:8080/readyz"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert resp.status == 200
+        events = cp.get_json(f"/api/v1/namespaces/{jobs}/events")["items"]
+        reasons = {e["reason"] for e in events if e["involvedObject"].get("name") == "happy"}
+        assert {"Launched", "Evaluated"} <= reasons, reasons
+
+        # --- deletion: kopf (its timer holds a finalizer) lets go under the same token
+        assert "kubetune.io/finalizer" in get_job(cp, jobs, "happy")["metadata"]["finalizers"]
+        cp.kubectl("delete", "-n", jobs, "finetunejob", "happy", "--wait=false")
+        wait_for(
+            "the job deleted (finalizer removed)",
+            lambda: (
+                cp.request(
+                    "GET", f"/apis/kubetune.io/v1alpha1/namespaces/{jobs}/finetunejobs/happy"
+                )[0]
+                == 404
+            ),
+            60,
+            0.5,
+        )
+    finally:
+        if op is not None:
+            op.stop()
+            print(f"---- operator log (tail) ----\n{op.log()[-6000:]}")
+        helm_cp("uninstall", release, "-n", system, "--wait", check=False)
+        cp.delete_namespace(system)
+
+    assert op is not None
+    log = op.log()
+    forbidden = [line for line in log.splitlines() if FORBIDDEN.search(line)]
+    assert not forbidden, "\n".join(forbidden[:20])

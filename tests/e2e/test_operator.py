@@ -16,7 +16,7 @@ from tests.cluster import faults
 from tests.cluster.controlplane import ControlPlane, wait_for
 from tests.e2e.conftest import Operator, chat_job, condition, get_job, wait_phase
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = [pytest.mark.cluster]
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_TIMEOUT = 420

@@ -200,6 +200,8 @@ def test_sigkill_then_restart_resumes_from_the_latest_checkpoint(tmp_path: Path)
     resumed = report["training"]["resumedFrom"]
     assert report["training"]["steps"] == 60
     assert resumed is not None and killed_at - resumed <= 5, (killed_at, resumed)
+    assert report["training"]["resumes"] == 1
+    assert progress(store)["restartsSeen"] == 1  # type: ignore[index]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_interrupted(tmp_path: Path) -> None:

@@ -116,9 +116,30 @@ def test_multi_node_pods_use_torchrun_and_scheduling_fields() -> None:
     assert env["NPROC_PER_NODE"]["value"] == "1"
     assert "nvidia.com/gpu" not in c["resources"]["limits"]
     assert gang[1]["spec"]["nodeSelector"] == {"pool": "gpu"}
-    assert gang[1]["spec"]["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert gang[1]["spec"]["tolerations"][0] == {"key": "gpu", "operator": "Exists"}
     assert gang[1]["spec"]["priorityClassName"] == "high"
     assert "ownerReferences" not in gang[0]["metadata"]
+
+
+def test_ranks_leave_a_failed_node_after_the_configured_toleration() -> None:
+    def node_tolerations(job: Any) -> dict[str, Any]:
+        tol = pods.build_rank_pod(job, 0, 1, image="i")["spec"]["tolerations"]
+        return {t["key"]: t for t in tol if t["key"].startswith("node.kubernetes.io/")}
+
+    default = node_tolerations(_job())
+    assert set(default) == {"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"}
+    assert {(t["effect"], t["tolerationSeconds"]) for t in default.values()} == {("NoExecute", 60)}
+    custom = node_tolerations(_job(runPolicy={"nodeFailureTolerationSeconds": 15}))
+    assert {t["tolerationSeconds"] for t in custom.values()} == {15}
+    # The user's own toleration for one of the taints wins over ours.
+    own = {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"}
+    mixed = node_tolerations(_job(resources={"tolerations": [own]}))
+    assert mixed["node.kubernetes.io/unreachable"] == own
+    assert mixed["node.kubernetes.io/not-ready"]["tolerationSeconds"] == 60
+    wildcard = _job(resources={"tolerations": [{"operator": "Exists"}]})
+    assert pods.build_rank_pod(wildcard, 0, 1, image="i")["spec"]["tolerations"] == [
+        {"operator": "Exists"}
+    ]
 
 
 def test_builders_are_deterministic() -> None:

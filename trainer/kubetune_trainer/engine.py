@@ -25,7 +25,7 @@ from kubetune_trainer.checkpoint import CheckpointManager
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.evaluate import loss_and_predictions
 from kubetune_trainer.metrics import classification_metrics, perplexity
-from kubetune_trainer.tokenization import IGNORE, Collator
+from kubetune_trainer.tokenization import Collator
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +142,13 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
-    tokens_seen: int = 0
+    tokens_seen: int = 0  # non-padding input tokens, all ranks
+    positions_seen: int = 0  # input positions incl. padding, all ranks
+    step_seconds: float = 0.0  # forward/backward/step only: no validation or checkpoints
     best_metric: float | None = None
     evals_without_improvement: int = 0
     resumed_from: int | None = None
+    resumes: int = 0  # how many times this run came back from a checkpoint
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -159,6 +162,9 @@ class TrainState:
             "epoch": self.epoch,
             "batchInEpoch": self.batch_in_epoch,
             "tokensSeen": self.tokens_seen,
+            "positionsSeen": self.positions_seen,
+            "resumes": self.resumes,
+            "stepSeconds": self.step_seconds,
             "bestMetric": self.best_metric,
             "evalsWithoutImprovement": self.evals_without_improvement,
             "history": self.history[-200:],
@@ -184,9 +190,12 @@ class TrainState:
             epoch=data["epoch"],
             batch_in_epoch=data["batchInEpoch"],
             tokens_seen=data["tokensSeen"],
+            positions_seen=data.get("positionsSeen", 0),
+            step_seconds=data.get("stepSeconds", 0.0),
             best_metric=data["bestMetric"],
             evals_without_improvement=data["evalsWithoutImprovement"],
             resumed_from=data["step"],
+            resumes=int(data.get("resumes", 0)) + 1,
             history=list(data.get("history", [])),
         )
 
@@ -197,6 +206,7 @@ class TrainHooks:
 
     on_step: Callable[[int, int, float, float, float, int], None] | None = None
     on_eval: Callable[[int, dict[str, float]], None] | None = None
+    on_resume: Callable[[int, int], None] | None = None  # (step, resumes so far)
     interrupted: Callable[[], bool] = lambda: False
 
 
@@ -298,6 +308,8 @@ def train(
         restored = checkpoints.restore(engine)
         if restored is not None:
             state = TrainState.from_json(restored)
+            if hooks.on_resume:
+                hooks.on_resume(state.step, state.resumes)
         elif cfg.checkpointing.resume == "required":
             raise RuntimeError("checkpointing.resume is 'required' but the store has no checkpoint")
     eval_every = cfg.evaluation.every_steps or per_epoch
@@ -344,10 +356,8 @@ def train(
             engine.backward(loss)
             engine.step()
             micro_losses.append(float(loss.detach()))
-            if cfg.task == "causal-lm":
-                step_tokens += int((batch["labels"] != IGNORE).sum()) * env.world_size
-            else:
-                step_tokens += int(batch["attention_mask"].sum()) * env.world_size
+            step_tokens += int(batch["attention_mask"].sum()) * env.world_size
+            state.positions_seen += batch["input_ids"].numel() * env.world_size
             if not boundary:
                 continue
             state.step += 1
@@ -356,12 +366,12 @@ def train(
             elapsed = time.monotonic() - step_started
             step_loss = sum(micro_losses) / len(micro_losses)
             state.tokens_seen += step_tokens
+            state.step_seconds += elapsed
             if hooks.on_step:
                 frac_epoch = epoch + state.batch_in_epoch / per_epoch
                 hooks.on_step(state.step, total_steps, frac_epoch, step_loss, elapsed, step_tokens)
             state.history.append({"step": state.step, "loss": round(step_loss, 5)})
             micro_losses, step_tokens = [], 0
-            step_started = time.monotonic()
 
             if val_feats and (state.step % eval_every == 0 or state.step == total_steps):
                 metrics = validate()
@@ -382,6 +392,7 @@ def train(
                         stopped_early = state.evals_without_improvement >= es.patience
             if state.step % cfg.checkpointing.every_steps == 0:
                 save()
+            step_started = time.monotonic()  # step time excludes validation and checkpoints
             if hooks.interrupted():
                 interrupted = True
             if stopped_early or interrupted or state.step >= total_steps:

@@ -255,6 +255,10 @@ def _run(
         if on_step and env.is_main:
             on_step(step, total, epoch, loss, toks / secs if secs > 0 else 0.0)
 
+    def resume_hook(step: int, resumes: int) -> None:
+        if reporter:
+            reporter.update(step=step, restarts_seen=resumes)
+
     def eval_hook(step: int, values: dict[str, float]) -> None:
         metrics.observe_eval("validation", values)
 
@@ -287,7 +291,10 @@ def _run(
                 env=env,
                 checkpoints=checkpoints,
                 hooks=TrainHooks(
-                    on_step=step_hook, on_eval=eval_hook, interrupted=lambda: signals.requested
+                    on_step=step_hook,
+                    on_eval=eval_hook,
+                    on_resume=resume_hook,
+                    interrupted=lambda: signals.requested,
                 ),
             )
         finally:
@@ -345,7 +352,10 @@ def _run(
             "totalSteps": result.total_steps,
             "stoppedEarly": result.stopped_early,
             "resumedFrom": result.state.resumed_from,
+            "resumes": result.state.resumes,
             "tokensSeen": result.state.tokens_seen,
+            "positionsSeen": result.state.positions_seen,
+            "stepSeconds": round(result.state.step_seconds, 3),
             "history": result.state.history,
             "precision": precision_of(cfg, env),
             "worldSize": env.world_size,

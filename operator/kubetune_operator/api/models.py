@@ -159,6 +159,15 @@ class RunPolicy(WireModel):
         default=False,
         description="Cancel: ranks get SIGTERM, save a final checkpoint; the job ends Cancelled.",
     )
+    node_failure_toleration_seconds: int = Field(
+        default=60,
+        ge=0,
+        le=3600,
+        description=(
+            "How long ranks stay bound to a NotReady or unreachable node before Kubernetes evicts"
+            " them and the job gang-restarts elsewhere (Kubernetes' own default is 300)."
+        ),
+    )
 
 
 class InferenceResources(WireModel):

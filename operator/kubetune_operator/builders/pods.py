@@ -71,6 +71,24 @@ def metadata(name: str, namespace: str, labels: dict[str, str], owner: Obj | Non
     return meta
 
 
+NODE_FAILURE_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+
+
+def node_failure_tolerations(job: FineTuneJob) -> list[dict[str, Any]]:
+    """Bound how long a rank waits on a failed node. Kubernetes evicts after 300 s by default;
+    a gang stalls that whole time, so evict sooner and let the restart resume elsewhere. A
+    user toleration for the same taint wins."""
+    own = {t.key for t in job.spec.resources.tolerations}
+    if None in own:  # a wildcard toleration: the user chose how taints apply
+        return []
+    seconds = job.spec.run_policy.node_failure_toleration_seconds
+    return [
+        {"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": seconds}
+        for key in NODE_FAILURE_TAINTS
+        if key not in own
+    ]
+
+
 def pod_security_context() -> Obj:
     """The `restricted` Pod Security Standard, pod level."""
     return {
@@ -201,8 +219,7 @@ def build_rank_pod(
     }
     if res.node_selector:
         spec["nodeSelector"] = dict(res.node_selector)
-    if res.tolerations:
-        spec["tolerations"] = [t.wire() for t in res.tolerations]
+    spec["tolerations"] = [t.wire() for t in res.tolerations] + node_failure_tolerations(job)
     if res.priority_class_name:
         spec["priorityClassName"] = res.priority_class_name
     return {
