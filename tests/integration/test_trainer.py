@@ -263,3 +263,49 @@ def test_outputs_to_s3(tmp_path: Path, s3_bucket: str, moto_server: str) -> None
     assert "runs/test/t/eval.json" in keys
     assert "runs/test/t/model/model.safetensors" in keys
     assert "runs/test/t/checkpoints/step-6/COMPLETE" in keys
+
+
+def test_s3_outage_mid_run_is_ridden_out(tmp_path: Path, s3_bucket: str, moto_server: str) -> None:
+    """The store goes away for 20 s mid-run: training goes on, the checkpoint upload retries,
+    and the run ends normally with no restart and nothing lost."""
+    import boto3
+
+    from tests.tcpproxy import TcpProxy
+
+    host, port = moto_server.removeprefix("http://").split(":")
+    s3 = boto3.client("s3", endpoint_url=moto_server)
+    cfg = config(
+        tmp_path,
+        hyperparameters={"maxSteps": 60, "epochs": 3},
+        checkpointing={"everySteps": 5, "keepLast": 2},
+    )
+    with TcpProxy(host, int(port)) as proxy:
+        cfg["output"] = {"uri": f"s3://{s3_bucket}/runs/t", "s3Endpoint": proxy.url}
+        proc = start(tmp_path, cfg, env={"AWS_ENDPOINT_URL": proxy.url})
+
+        def remote_progress() -> dict[str, Any] | None:
+            try:
+                body = s3.get_object(Bucket=s3_bucket, Key="runs/t/progress.json")["Body"]
+                return json.loads(body.read())  # type: ignore[no-any-return]
+            except Exception:
+                return None
+
+        wait_for(
+            lambda: (p := remote_progress()) and (p.get("latestCheckpoint") or {}).get("step"),
+            300,
+            "a first checkpoint in S3",
+        )
+        proxy.block()
+        time.sleep(20)
+        assert proc.poll() is None, "the trainer gave up during a 20 s outage"
+        proxy.unblock()
+        rc, out = finish(proc)
+    assert rc == 0, out
+    assert "retrying in" in out, out[-3000:]
+    report = json.loads(s3.get_object(Bucket=s3_bucket, Key="runs/t/eval.json")["Body"].read())
+    assert report["training"]["steps"] == 60
+    assert report["training"]["resumes"] == 0
+    latest = json.loads(
+        s3.get_object(Bucket=s3_bucket, Key="runs/t/checkpoints/latest")["Body"].read()
+    )
+    assert latest["step"] == 60

@@ -9,7 +9,11 @@ Store layout under the run prefix:
                                         complete checkpoint
 
 Each rank saves into its own staging folder, so ranks sharing a disk never upload each other's
-half-written files. Uploads run on one background thread: training stalls only for the local save.
+half-written files. Uploads run on one background thread: training stalls only for the local save,
+unless the previous upload is still running at the next checkpoint; then it waits for it, so
+uploads never overlap and a staging folder is never removed before it is in the store. An
+unreachable store is retried with back-off for `outage_tolerance` seconds (a storage blip must
+not cost the run its progress) before the error ends the run as StorageUnavailable.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.store import Store, StoreError, StoreNotFound
+from kubetune_trainer.store import Store, StoreError, StoreNotFound, ride_out_outage
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ class CheckpointManager:
         keep_last: int,
         on_saved: Callable[[int, float, int, str], None] | None = None,
         peer_timeout: float = 600.0,
+        outage_tolerance: float = 300.0,
     ) -> None:
         self.store = store
         self.staging = staging / f"rank-{rank}"
@@ -62,12 +67,18 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.on_saved = on_saved
         self.peer_timeout = peer_timeout
+        self.outage_tolerance = outage_tolerance
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
         self._pending: Future[None] | None = None
 
     # -- saving ---------------------------------------------------------------------------
     def save(self, engine: Any, step: int, state: dict[str, Any]) -> None:
         """Every rank calls this at the same step. Returns once the local save is done."""
+        if self._pending is not None and not self._pending.done():
+            waiting = time.monotonic()
+            log.info("checkpoint %s: waiting for the previous upload to finish", tag(step))
+            self._pending.result()
+            log.info("previous checkpoint upload finished after %.1fs", time.monotonic() - waiting)
         self.raise_upload_error()
         started = time.monotonic()
         name = tag(step)
@@ -81,6 +92,13 @@ class CheckpointManager:
         self._pending = self._pool.submit(self._upload, step, local, started, saved)
 
     def _upload(self, step: int, local: Path, started: float, saved: float) -> None:
+        ride_out_outage(
+            lambda: self._upload_once(step, local, started, saved),
+            f"checkpoint {tag(step)} upload (training goes on)",
+            self.outage_tolerance,
+        )
+
+    def _upload_once(self, step: int, local: Path, started: float, saved: float) -> None:
         name = tag(step)
         dest = f"{PREFIX}/{name}"
         size = self.store.upload_dir(local, dest)

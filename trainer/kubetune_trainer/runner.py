@@ -38,7 +38,7 @@ from kubetune_trainer.model import (
     resolve_source,
 )
 from kubetune_trainer.modelcard import ModelCard, write_model_card
-from kubetune_trainer.store import Store, StoreNotFound, open_store
+from kubetune_trainer.store import Store, StoreNotFound, open_store, ride_out_outage
 from kubetune_trainer.telemetry import (
     ProgressReporter,
     TrainerMetrics,
@@ -222,6 +222,20 @@ def _run(
             f"{feats.report.dropped_no_target} with no target tokens)",
             source=cfg.data.train,
         )
+    need = hp.per_device_batch_size * env.world_size
+    if len(feats.train) < need:
+        # Each rank drops its last partial batch: with fewer samples than one full batch per
+        # rank, an epoch has no steps at all, and training would loop over empty epochs forever.
+        from kubetune_trainer.data import InvalidDataError
+
+        raise InvalidDataError(
+            f"too few training rows: {len(feats.train)} training samples left after cleaning "
+            f"and tokenization ({data.report.dropped_duplicates} duplicate and "
+            f"{data.report.dropped_empty} empty rows dropped), but one batch takes {need} "
+            f"(hyperparameters.perDeviceBatchSize {hp.per_device_batch_size} x "
+            f"{env.world_size} ranks); expected at least {need} distinct rows",
+            source=cfg.data.train,
+        )
     split_name, eval_rows, eval_feats = _eval_split(data, feats)
     metric_names = cfg.effective_metrics()
     eval_kwargs: dict[str, Any] = {
@@ -381,8 +395,8 @@ def _run(
     write_model_card(model_dir_out, card)
     with phase("upload", "saving"):
         if local is None:
-            store.upload_dir(model_dir_out, "model")
-        store.write_json(EVAL_FILE, report)
+            ride_out_outage(lambda: store.upload_dir(model_dir_out, "model"), "model upload")
+        ride_out_outage(lambda: store.write_json(EVAL_FILE, report), "eval.json upload")
     if reporter:
         reporter.update(phase="done", message="gates passed" if gates_passed else "gates failed")
     write_success(cfg.telemetry.termination_log, {**headline, "gatesPassed": int(gates_passed)})

@@ -19,13 +19,15 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MiB = 1024 * 1024
 _TMP_PREFIX = ".kubetune-tmp-"
@@ -514,6 +516,24 @@ def s3_endpoint(endpoint: str | None = None) -> str | None:
         or os.environ.get("AWS_ENDPOINT_URL")
         or None
     )
+
+
+def ride_out_outage(fn: Callable[[], T], what: str, tolerance: float = 300.0) -> T:
+    """Run `fn`, retrying StorageUnavailable with back-off for up to `tolerance` seconds.
+
+    botocore's own retries cover a few seconds; a store that is down for half a minute must not
+    end a run that has hours of progress in it. Other errors are raised at once."""
+    deadline = time.monotonic() + tolerance
+    delay = 1.0
+    while True:
+        try:
+            return fn()
+        except StorageUnavailable as err:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: %s; retrying in %.0fs", what, err, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
 
 
 def make_s3_client(
