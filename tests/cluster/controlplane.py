@@ -370,8 +370,12 @@ class ControlPlane:
         image_entrypoints: Mapping[str, Sequence[str]] | None = None,
         etcd_on_tmpfs: bool = True,
         build: bool = True,
+        run_pods: bool = True,
     ) -> None:
+        """``run_pods=False``: the agent keeps the nodes Ready but never runs pods (they stay
+        Pending; see ``nodeagent.py``), for benchmarks that only count API objects."""
         self.dir = Path(dir).resolve()
+        self.run_pods = run_pods
         self.build = build
         self.etcd_on_tmpfs = etcd_on_tmpfs
         self.pod_env = dict(pod_env or {})
@@ -437,6 +441,7 @@ class ControlPlane:
             cfg = json.loads(agent_cfg.read_text())
             cp.pod_env = cfg.get("pod_env", {})
             cp.image_entrypoints = cfg.get("image_entrypoints", {})
+            cp.run_pods = bool(cfg.get("run_pods", True))
         return cp
 
     # ----- lifecycle
@@ -627,6 +632,7 @@ class ControlPlane:
             "tls_key": str(self.pki / "kubelet.key"),
             "pod_env": self.pod_env,
             "image_entrypoints": self.image_entrypoints,
+            "run_pods": self.run_pods,
         }
         (self.dir / "agent.json").write_text(json.dumps(cfg, indent=2))
         env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "PYTHONPATH")}

@@ -39,6 +39,10 @@ ServiceAccount token volume get ``KUBECONFIG`` pointing at a kubeconfig with tha
 in-cluster token path cannot be rewritten inside client libraries).  ``kubectl logs`` works
 through a small HTTPS endpoint registered as the nodes' kubelet port.
 
+Benchmarks: ``"run_pods": false`` in the config keeps the nodes registered and Ready but
+never runs (or even watches) pods: bound pods stay Pending, so thousands of them cost nothing
+but API objects.  Such pods are only removed by a force delete (``gracePeriodSeconds=0``).
+
 Fault control: a file ``DIR/agent/control/<node>.notready`` stops that node's heartbeats and
 reports it NotReady (see ``tests/cluster/faults.py``).  The agent survives apiserver restarts:
 every API call is retried and the pod watch re-lists with back-off.
@@ -1066,6 +1070,7 @@ class Agent:
         self.backoff_base = float(cfg.get("backoff_base", 1.0))
         self.backoff_max = float(cfg.get("backoff_max", 20.0))
         self.heartbeat = float(cfg.get("heartbeat_seconds", 5.0))
+        self.run_pods = bool(cfg.get("run_pods", True))
         self.control = self.dir / "agent" / "control"
         self.control.mkdir(parents=True, exist_ok=True)
         self.workers: dict[str, PodWorker] = {}
@@ -1474,10 +1479,10 @@ class Agent:
     # ----- lifecycle
     def run(self) -> None:
         srv = self.serve_logs()
-        threads = [
-            threading.Thread(target=t, name=t.__name__, daemon=True)
-            for t in (self.heartbeat_loop, self.watch_loop, self.pod_loop)
-        ]
+        loops = [self.heartbeat_loop]
+        if self.run_pods:
+            loops += [self.watch_loop, self.pod_loop]
+        threads = [threading.Thread(target=t, name=t.__name__, daemon=True) for t in loops]
         for t in threads:
             t.start()
         self.stop.wait()
