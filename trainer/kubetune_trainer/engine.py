@@ -7,13 +7,15 @@ its own shard (DistributedSampler), which the HF Trainer on CPU does not do unde
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
 import math
 import os
 import random
-import socket
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,26 +46,16 @@ class DistEnv:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def init_distributed() -> DistEnv:
     """Join the process group (gloo on CPU, NCCL on GPU). A lone process forms a group of one.
 
     Without RANK/WORLD_SIZE/... DeepSpeed falls back to MPI discovery and fails on a missing
     mpi4py, so a local single-process run sets them itself.
     """
-    if "RANK" not in os.environ:
+    alone = "RANK" not in os.environ
+    if alone:
         os.environ.update(
-            RANK="0",
-            WORLD_SIZE="1",
-            LOCAL_RANK="0",
-            LOCAL_WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(_free_port()),
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1"
         )
     import torch
 
@@ -79,7 +71,23 @@ def init_distributed() -> DistEnv:
         # (~35 s and 1.5 GB, and a stale build lock hangs the next run); gloo suffices here.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not deepspeed.comm.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+        backend = "nccl" if use_cuda else "gloo"
+        if alone:
+            # A world of one rendezvouses through a file: a "free" TCP port picked here could be
+            # taken by the time the store binds it (seen with many trainers starting at once).
+            init_dir = tempfile.mkdtemp(prefix="kubetune-pg-")
+            atexit.register(shutil.rmtree, init_dir, ignore_errors=True)
+            init = Path(init_dir) / "store"
+            deepspeed.init_distributed(
+                dist_backend=backend,
+                init_method=f"file://{init}",
+                auto_mpi_discovery=False,
+                rank=0,
+                world_size=1,
+                verbose=False,
+            )
+        else:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
     env = DistEnv(
         rank=int(os.environ["RANK"]),
         world_size=int(os.environ["WORLD_SIZE"]),
@@ -148,7 +156,7 @@ class TrainState:
     best_metric: float | None = None
     evals_without_improvement: int = 0
     resumed_from: int | None = None
-    resumes: int = 0  # how many times this run came back from a checkpoint
+    resumed_steps: list[int] = field(default_factory=list)  # where each later attempt began
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -163,7 +171,7 @@ class TrainState:
             "batchInEpoch": self.batch_in_epoch,
             "tokensSeen": self.tokens_seen,
             "positionsSeen": self.positions_seen,
-            "resumes": self.resumes,
+            "resumedSteps": self.resumed_steps,
             "stepSeconds": self.step_seconds,
             "bestMetric": self.best_metric,
             "evalsWithoutImprovement": self.evals_without_improvement,
@@ -195,7 +203,7 @@ class TrainState:
             best_metric=data["bestMetric"],
             evals_without_improvement=data["evalsWithoutImprovement"],
             resumed_from=data["step"],
-            resumes=int(data.get("resumes", 0)) + 1,
+            resumed_steps=[*data.get("resumedSteps", []), data["step"]],
             history=list(data.get("history", [])),
         )
 
@@ -309,7 +317,7 @@ def train(
         if restored is not None:
             state = TrainState.from_json(restored)
             if hooks.on_resume:
-                hooks.on_resume(state.step, state.resumes)
+                hooks.on_resume(state.step, len(state.resumed_steps))
         elif cfg.checkpointing.resume == "required":
             raise RuntimeError("checkpointing.resume is 'required' but the store has no checkpoint")
     eval_every = cfg.evaluation.every_steps or per_epoch
