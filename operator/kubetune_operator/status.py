@@ -166,11 +166,11 @@ class Failure:
 
     def info(self) -> FailureInfo:
         return FailureInfo(
-            pod=self.pod,
-            node=self.node,
+            pod=self.pod or None,
+            node=self.node or None,
             exit_code=self.exit_code,
-            reason=self.reason,
-            message=self.message,
+            reason=self.reason or None,
+            message=self.message or None,
         )
 
 
@@ -198,6 +198,22 @@ def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
         if "terminated" in last:
             return dict(last["terminated"])
     return None
+
+
+def merge_patch(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns `before` into `after`: keys that went away
+    are nulled at every depth (a nested key left out would otherwise keep its old value)."""
+    patch: dict[str, Any] = {}
+    for key, value in after.items():
+        old = before.get(key)
+        if isinstance(value, Mapping) and isinstance(old, Mapping):
+            patch[key] = merge_patch(old, value)
+        else:
+            patch[key] = value
+    for key in before:
+        if key not in after:
+            patch[key] = None
+    return patch
 
 
 def classify_failure(pod: Mapping[str, Any]) -> Failure | None:
@@ -240,6 +256,75 @@ def classify_failure(pod: Mapping[str, Any]) -> Failure | None:
     if phase == "Failed" and status.get("reason") in RETRYABLE_POD_REASONS:
         reason = str(status["reason"])
     return Failure(name, node, exit_code, reason, _tail(text), True)
+
+
+# What the scheduler says when no node fits a rank -> the spec field that asks for too much.
+_UNSCHEDULABLE_FIELDS = (
+    ("nvidia.com/gpu", "spec.resources.gpusPerNode"),
+    ("Insufficient cpu", "spec.resources.cpu"),
+    ("Insufficient memory", "spec.resources.memory"),
+    ("node selector", "spec.resources.nodeSelector"),
+    ("node affinity", "spec.resources.nodeSelector"),
+    ("taint", "spec.resources.tolerations"),
+    ("Too many pods", "spec.resources.nodes"),
+)
+
+
+def unschedulable(pod: Mapping[str, Any], now: datetime, timeout: float) -> Failure | None:
+    """A rank the scheduler has not been able to place for `timeout` seconds, or None.
+
+    Not retryable: a gang restart asks for the same resources again. The message names the
+    spec field the scheduler complains about (GPUs, CPU, memory, node selector, taints).
+    """
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if (cond.get("type"), cond.get("status"), cond.get("reason")) != (
+            "PodScheduled",
+            "False",
+            "Unschedulable",
+        ):
+            continue
+        since = parse_time(cond.get("lastTransitionTime"))
+        if since is None or (now - since).total_seconds() < timeout:
+            return None
+        text = str(cond.get("message") or "").strip()
+        fields = sorted({f for needle, f in _UNSCHEDULABLE_FIELDS if needle in text})
+        msg = (
+            f"{', '.join(fields) or 'spec.resources'}: no node could run this rank for "
+            f"{timeout:g}s ({text}); ask for what one node has, or add capacity"
+        )
+        name = str((pod.get("metadata") or {}).get("name", ""))
+        return Failure(name, "(not scheduled)", None, "Unschedulable", msg, False)
+    return None
+
+
+# Pod fields the operator fills from spec.resources: the API server names the pod's field.
+_POD_FIELDS = (
+    ("spec.tolerations", "spec.resources.tolerations"),
+    ("spec.nodeSelector", "spec.resources.nodeSelector"),
+    ("spec.priorityClassName", "spec.resources.priorityClassName"),
+    ("spec.containers[0].image", "spec.resources.image"),
+    ("spec.containers[0].resources", "spec.resources"),
+)
+
+
+def pod_rejection(body: str) -> str:
+    """The API server's 422 for a rank pod, its fields translated to the job's spec fields."""
+    try:
+        status = json.loads(body)
+    except ValueError:
+        status = {}
+    if not isinstance(status, dict):
+        status = {}
+    parts = []
+    for cause in (status.get("details") or {}).get("causes") or []:
+        field_ = str(cause.get("field") or "")
+        for pod_field, spec_field in _POD_FIELDS:
+            if field_.startswith(pod_field):
+                field_ = spec_field + field_[len(pod_field) :]
+                break
+        parts.append(f"{field_}: {cause.get('message', '')}")
+    text = "; ".join(parts) or str(status.get("message") or body)[:500]
+    return f"the API server rejected the rank pods: {text}"
 
 
 def restart_delay(restarts: int, base: float = 10.0, cap: float = 300.0) -> float:

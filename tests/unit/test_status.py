@@ -159,3 +159,20 @@ def test_deadline_and_ttl() -> None:
     assert st.ttl_expired("2024-01-01T00:00:00Z", 0, T0)
     assert not st.ttl_expired("2024-01-01T00:00:00Z", None, T0)
     assert st.seconds_until("2024-01-01T00:00:00Z", 10, T0 + timedelta(seconds=4)) == 6
+
+
+def test_merge_patch_nulls_keys_that_went_away_at_every_depth() -> None:
+    before = {"phase": "Running", "lastFailure": {"pod": "a", "exitCode": 137}, "endpoint": "x"}
+    after = {"phase": "Restarting", "lastFailure": {"pod": "a", "reason": "PodLost"}}
+    assert st.merge_patch(before, after) == {
+        "phase": "Restarting",
+        "lastFailure": {"pod": "a", "reason": "PodLost", "exitCode": None},
+        "endpoint": None,
+    }
+    assert st.merge_patch({}, after) == after
+
+
+def test_failure_info_leaves_unknown_fields_out_instead_of_empty_strings() -> None:
+    lost = st.Failure("job-rank-0", "", None, "PodLost", "", True)
+    status = FineTuneJobStatus(last_failure=lost.info())
+    assert status.wire()["lastFailure"] == {"pod": "job-rank-0", "reason": "PodLost"}

@@ -150,7 +150,15 @@ def run(
     store = open_store(cfg.output.uri, endpoint=cfg.output.s3_endpoint, region=cfg.output.s3_region)
     metrics = TrainerMetrics.for_job(cfg.job)
     if env.is_main and cfg.telemetry.metrics_port:
-        metrics.serve(cfg.telemetry.metrics_host, cfg.telemetry.metrics_port)
+        host, port = cfg.telemetry.metrics_host, cfg.telemetry.metrics_port
+        try:
+            metrics.serve(host, port)
+        except OSError as err:
+            # /metrics is for watching, not for training: a port taken by another process on a
+            # shared network (hostNetwork pods) must not fail, and gang-restart, the whole job.
+            log.warning(
+                "no /metrics: cannot listen on %s:%d (%s); training goes on", host, port, err
+            )
     reporter = (
         ProgressReporter(store, cfg.telemetry.progress_interval_seconds) if env.is_main else None
     )
@@ -366,7 +374,8 @@ def _run(
             "totalSteps": result.total_steps,
             "stoppedEarly": result.stopped_early,
             "resumedFrom": result.state.resumed_from,
-            "resumes": result.state.resumes,
+            "resumes": len(result.state.resumed_steps),
+            "resumedSteps": result.state.resumed_steps,
             "tokensSeen": result.state.tokens_seen,
             "positionsSeen": result.state.positions_seen,
             "stepSeconds": round(result.state.step_seconds, 3),

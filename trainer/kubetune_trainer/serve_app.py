@@ -95,7 +95,17 @@ def _param(loc: Sequence[int | str]) -> str | None:
     return out or None
 
 
-def _validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
+# The field an empty body most needs, per endpoint: the error names it (house rule: name the field).
+_MAIN_FIELD = {
+    "/v1/classify": "text",
+    "/v1/chat/completions": "messages",
+    "/v1/completions": "prompt",
+}
+
+
+def _validation_message(
+    errors: Sequence[Any], main_field: str | None = None
+) -> tuple[str, str | None]:
     first = errors[0]
     loc = tuple(first.get("loc", ()))
     kind = first.get("type")
@@ -106,6 +116,12 @@ def _validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
     param = _param(loc)
     if param is None:
         if kind == "missing":
+            if main_field:
+                return (
+                    f"{main_field}: field required, but the request body is empty; expected a"
+                    f' JSON object such as {{"{main_field}": ...}}',
+                    main_field,
+                )
             return "request body is empty; expected a JSON object", None
         return (
             "request body must be a JSON object sent with Content-Type: application/json",
@@ -193,8 +209,8 @@ def create_app(state: ServerState, metrics: ServeMetrics) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc.errors())
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc.errors(), _MAIN_FIELD.get(request.url.path))
         return _error(400, message, "invalid_request_error", param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -431,6 +447,13 @@ def create_app(state: ServerState, metrics: ServeMetrics) -> FastAPI:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if req.stream and len(prompts) > 1:
             raise ApiError(400, "prompt: streaming takes a single prompt", param="prompt")
+        if len(prompts) > settings.max_prompts_per_request:
+            raise ApiError(
+                400,
+                f"prompt: {len(prompts)} prompts is over the limit of "
+                f"{settings.max_prompts_per_request} per request",
+                param="prompt",
+            )
         encoded = [await asyncio.to_thread(engine.encode_prompt, p) for p in prompts]
         for i, ids in enumerate(encoded):
             if not ids:

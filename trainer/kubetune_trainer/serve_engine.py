@@ -173,7 +173,9 @@ class CausalLMEngine:
         gen_config.max_new_tokens = params.max_tokens
         gen_config.max_length = None
         gen_config.pad_token_id = self.pad_id
-        gen_config.do_sample = params.temperature > 0
+        # Below 1e-4 sampling is greedy in all but name, and a far tinier temperature (5e-324
+        # is valid JSON) turns the logits into inf/nan and fails the request: decode greedily.
+        gen_config.do_sample = params.temperature >= 1e-4
         if gen_config.do_sample:
             gen_config.temperature = params.temperature
             gen_config.top_p = params.top_p

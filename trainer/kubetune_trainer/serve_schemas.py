@@ -8,8 +8,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+
+def _unicode(value: str) -> str:
+    # JSON may escape a lone UTF-16 surrogate ("\\ud800"); tokenizers raise TypeError on it.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"lone UTF-16 surrogate at character {err.start}; expected valid Unicode text"
+        ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 StopField = Annotated[
     str | list[Annotated[str, Field(min_length=1)]] | None,
     Field(description="Up to 4 strings; generation stops before the first one produced."),
@@ -24,12 +37,12 @@ class TextPart(_Request):
     """One part of a multi-part message content; only text is supported."""
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
     name: str | None = None
 
     def text(self) -> str:
@@ -73,7 +86,7 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str] = Field(description="One prompt, or a list for one choice each.")
+    prompt: Text | list[Text] = Field(description="One prompt, or a list for one choice each.")
 
     @field_validator("prompt")
     @classmethod
@@ -163,13 +176,16 @@ class CompletionChunk(BaseModel):
 
 class ClassifyRequest(_Request):
     model: str | None = Field(default=None, description="Served model name; optional.")
-    text: str | list[str] = Field(description="One text or a list of texts to classify.")
+    text: Text | list[Text] = Field(description="One text or a list of texts to classify.")
 
     @field_validator("text")
     @classmethod
     def _non_empty(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and not value:
             raise ValueError("text list must not be empty")
+        texts = [value] if isinstance(value, str) else value
+        if any(not t.strip() for t in texts):
+            raise ValueError("text must not be empty or only whitespace")
         return value
 
     def texts(self) -> list[str]:

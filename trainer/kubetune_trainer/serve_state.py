@@ -37,6 +37,8 @@ class ServeSettings:
     max_batch_size: int = 32
     batch_wait_ms: float = 2.0
     max_texts_per_request: int = 256
+    max_prompts_per_request: int = 16
+    """Each prompt is a full generation: the list is capped so one request cannot run for hours."""
     shutdown_delay_s: float = 0.0
     """After SIGTERM: seconds to keep serving (readiness already false) before stopping."""
     download_dir: Path | None = None

@@ -138,6 +138,16 @@ class StorageSpec(WireModel):
         reject_inline_secrets(data, "")
         return data
 
+    @field_validator("endpoint")
+    @classmethod
+    def _no_userinfo(cls, v: str | None) -> str | None:
+        if v is not None and "@" in v:  # user:password@host (a raw secret may hold '/')
+            raise ValueError(
+                "credentials must never be written into the endpoint URL; put them in a Secret "
+                "and reference it with credentialsSecretRef"
+            )
+        return v
+
 
 class RunPolicy(WireModel):
     """Retries, deadlines and lifecycle."""
@@ -268,11 +278,15 @@ class CheckpointRef(WireModel):
 class FailureInfo(WireModel):
     """The last rank failure."""
 
-    pod: str = Field(default="", description="Pod that failed.")
-    node: str = Field(default="", description="Node it ran on.")
+    # Unknown values are left out, never "": an empty string here has been seen stored as null
+    # (and then rejected) by an API server, which blocked every later status update.
+    pod: str | None = Field(default=None, description="Pod that failed.")
+    node: str | None = Field(default=None, description="Node it ran on (absent if unknown).")
     exit_code: int | None = Field(default=None, description="Container exit code.")
-    reason: str = Field(default="", description="Classified reason, e.g. OOMKilled, InvalidData.")
-    message: str = Field(default="", description="Termination message.")
+    reason: str | None = Field(
+        default=None, description="Classified reason, e.g. OOMKilled, InvalidData."
+    )
+    message: str | None = Field(default=None, description="Termination message.")
 
 
 class FineTuneJobStatus(WireModel):

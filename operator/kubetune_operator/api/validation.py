@@ -42,10 +42,18 @@ class SpecError(ValueError):
 
 
 _FIELD_MSG = re.compile(r"^([A-Za-z][\w.\[\]]*): (.+)$", re.DOTALL)
+# user:password@ in a URI: never echoed back (into a status, an Event or a log line).
+# Greedy up to the last @: a raw secret key may hold '/' (over-redacting a path is harmless).
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^\s'\"]*@")
+
+
+def redact(text: str) -> str:
+    """`scheme://user:secret@host` -> `scheme://***@host`."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = redact(repr(value))
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -91,7 +99,7 @@ def explain(err: ValidationError) -> list[FieldError]:
         loc = tuple(e["loc"])
         path = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
         kind = e["type"]
-        msg = str(e["msg"]).removeprefix("Value error, ")
+        msg = redact(str(e["msg"]).removeprefix("Value error, "))
         value: str | None = _short(e.get("input"))
         if kind == "missing":
             msg, value = "required field is missing", None

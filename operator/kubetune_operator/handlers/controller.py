@@ -42,6 +42,9 @@ ANN_SPEC_HASH = f"{ANN_PREFIX}/spec-hash"
 ANN_LAUNCHED_SPEC = f"{ANN_PREFIX}/launched-spec"
 IMAGE_ENV = "KUBETUNE_TRAINER_IMAGE"
 BACKOFF_ENV = "KUBETUNE_RESTART_BACKOFF_SECONDS"
+# How long a rank may stay unschedulable (no node has what the spec asks for) before the job
+# fails; long enough for a cluster autoscaler to add a node.
+UNSCHEDULABLE_ENV = "KUBETUNE_UNSCHEDULABLE_TIMEOUT_SECONDS"
 # Grace for ranks of a gang that is being torn down after a failure: the survivors may be stuck
 # in a collective with the dead rank, so they get little time.
 GANG_TEARDOWN_GRACE = 30
@@ -143,11 +146,7 @@ def _flush(ctx: Ctx) -> None:
     after = ctx.status.wire()
     if after != ctx.before:
         after.setdefault("observedGeneration", ctx.generation)
-        # Merge patch: keys that disappeared must be nulled explicitly.
-        patch: Obj = dict(after)
-        for key in ctx.before:
-            patch.setdefault(key, None)
-        kube.patch_job_status(ctx.namespace, ctx.name, patch)
+        kube.patch_job_status(ctx.namespace, ctx.name, st.merge_patch(ctx.before, after))
     for type_, reason, message in ctx.events:
         log.info("%s/%s %s: %s", ctx.namespace, ctx.name, reason, message)
         kube.emit_event(ctx.body, type_, reason, message)
@@ -292,8 +291,20 @@ def _launch(ctx: Ctx, job: FineTuneJob) -> None:
         annotations[ANN_LAUNCHED_SPEC] = json.dumps(ctx.body.get("spec") or {}, sort_keys=True)
     kube.annotate_job(ctx.namespace, ctx.name, annotations)
     ctx.body["metadata"].setdefault("annotations", {}).update(annotations)
-    for pod in pods.build_rank_pods(job, attempt, image=trainer_image(job), owner=owner):
-        kube.apply(pod)
+    try:
+        for pod in pods.build_rank_pods(job, attempt, image=trainer_image(job), owner=owner):
+            kube.apply(pod)
+    except kube.ApiError as err:
+        if err.status != 422:
+            raise
+        # The spec passed our checks but makes an invalid pod (e.g. a toleration with
+        # operator Exists and a value): retrying cannot fix it.
+        _stop_ranks(ctx, job, grace=0)
+        msg = st.pod_rejection(err.body)
+        ctx.cond(st.VALIDATED, False, "InvalidSpec", msg)
+        ctx.cond(st.FAILED, True, "InvalidSpec", msg)
+        ctx.phase("Failed", "InvalidSpec", msg)
+        raise InvalidSpec(ctx.name) from None
     nodes = job.spec.resources.nodes
     ctx.cond(st.LAUNCHED, True, "Launched", f"{nodes} rank pod(s), attempt {attempt}")
     if s.start_time is None:
@@ -328,6 +339,9 @@ def _watch_ranks(ctx: Ctx, job: FineTuneJob, scrape: bool) -> None:
     ]
     if not failures and missing:
         failures = [st.Failure(missing[0], "", None, "PodLost", "rank pod disappeared", True)]
+    if not failures:
+        limit = float(os.environ.get(UNSCHEDULABLE_ENV, "600"))
+        failures = [f for p in current.values() if (f := st.unschedulable(p, ctx.now, limit))]
     if failures:
         _on_failure(ctx, job, sorted(failures, key=lambda f: f.retryable)[0])
         return
@@ -441,8 +455,8 @@ def _finished(ctx: Ctx) -> None:
         available = int(((dep or {}).get("status") or {}).get("availableReplicas") or 0)
         if dep is None or (want > 0 and available < want):
             ctx.cond(st.SERVING, False, "Unavailable", f"{available}/{want} replica(s) ready")
-    if ttl is None:
-        return
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0:
+        return  # unset, or the raw spec of a job that failed validation holds anything here
     if not st.ttl_expired(s.completion_time, int(ttl), ctx.now):
         ctx.again(max(1.0, st.seconds_until(s.completion_time, float(ttl), ctx.now)))
         return
