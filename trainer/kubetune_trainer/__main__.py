@@ -61,8 +61,25 @@ def train_main(argv: list[str]) -> int:
             log.exception("unexpected failure")
         write_termination_message(termination_log or "/dev/termination-log", reason, message)
         return code
+    # Only after success: after a failure a peer may be gone mid-collective, and tearing down
+    # could block the exit that lets the operator restart the gang.
+    _leave_process_group()
     log.info("done: %d steps, model at %s", result.steps, result.model_uri)
     return 0
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down before exit: an NCCL group left to interpreter shutdown
+    was seen to hang a finished run (H100, torch 2.11) until the pod's deadline."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as err:  # exiting anyway; never turn success into a failure here
+            log.warning("could not destroy the process group: %s", err)
 
 
 def main(argv: list[str] | None = None) -> int:

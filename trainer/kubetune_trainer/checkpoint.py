@@ -59,6 +59,7 @@ class CheckpointManager:
         on_saved: Callable[[int, float, int, str], None] | None = None,
         peer_timeout: float = 600.0,
         outage_tolerance: float = 300.0,
+        quantized: bool = False,
     ) -> None:
         self.store = store
         self.staging = staging / f"rank-{rank}"
@@ -68,6 +69,7 @@ class CheckpointManager:
         self.on_saved = on_saved
         self.peer_timeout = peer_timeout
         self.outage_tolerance = outage_tolerance
+        self.quantized = quantized
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
         self._pending: Future[None] | None = None
 
@@ -206,6 +208,9 @@ class CheckpointManager:
                 tag=name,
                 load_optimizer_states=True,
                 load_lr_scheduler_states=True,
+                # 4-bit (QLoRA) weights save their quantization state as extra keys that a
+                # strict load rejects, though bitsandbytes restores from them (seen on an H100).
+                load_module_strict=not self.quantized,
             )
             if path is None:
                 log.warning("skipping checkpoint %s: DeepSpeed could not load it", name)

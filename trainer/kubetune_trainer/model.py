@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import socket
@@ -81,6 +82,23 @@ def model_context_length(model_dir: Path) -> int | None:
     return int(value) if value else None
 
 
+def check_method(cfg: TrainerConfig, use_cuda: bool) -> None:
+    """Fail before any work when the training method cannot run here (the runner calls this
+    first, so a bad combination never costs a base evaluation)."""
+    if cfg.method != "qlora":
+        return
+    if not use_cuda:
+        raise ModelSourceError(
+            "method 'qlora' needs a CUDA GPU (4-bit weights via bitsandbytes) and this run has "
+            "none; use method 'lora' on CPU"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelSourceError(
+            "method 'qlora' needs the bitsandbytes package, which is not installed in this image;"
+            " install kubetune[trainer,gpu] (the trainer image has it) or use method 'lora'"
+        )
+
+
 def load_model(
     cfg: TrainerConfig,
     model_dir: Path,
@@ -93,11 +111,7 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if cfg.method == "qlora" and not use_cuda:
-        raise ModelSourceError(
-            "method 'qlora' needs a CUDA GPU (4-bit weights via bitsandbytes) and this run has "
-            "none; use method 'lora' on CPU"
-        )
+    check_method(cfg, use_cuda)
     # The classification head is freshly initialised: seed it so runs are reproducible.
     torch.manual_seed(cfg.hyperparameters.seed)
     kwargs: dict[str, Any] = {"dtype": torch.float32}

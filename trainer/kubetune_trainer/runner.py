@@ -33,6 +33,7 @@ from kubetune_trainer.engine import (
 from kubetune_trainer.evaluate import evaluate
 from kubetune_trainer.metrics import compare
 from kubetune_trainer.model import (
+    check_method,
     load_model,
     model_context_length,
     resolve_source,
@@ -147,6 +148,7 @@ def run(
     """Run one job to the end. Raises on failure; the caller classifies the exception."""
     _quiet_libraries()
     env = init_distributed()
+    check_method(cfg, env.use_cuda)
     store = open_store(cfg.output.uri, endpoint=cfg.output.s3_endpoint, region=cfg.output.s3_region)
     metrics = TrainerMetrics.for_job(cfg.job)
     if env.is_main and cfg.telemetry.metrics_port:
@@ -296,6 +298,7 @@ def _run(
         world_size=env.world_size,
         keep_last=cfg.checkpointing.keep_last,
         on_saved=saved_hook,
+        quantized=cfg.method == "qlora",
     )
     with phase("train", "training"):
         model = load_model(
