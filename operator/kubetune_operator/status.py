@@ -185,8 +185,12 @@ def parse_termination_message(message: str | None) -> tuple[str | None, str]:
 
 def _tail(text: str, lines: int = 3, limit: int = 512) -> str:
     """The end of a log-fallback termination message: the last lines say what happened."""
-    kept = [line for line in text.splitlines() if line.strip()][-lines:]
-    return "\n".join(kept)[-limit:]
+    kept = "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+    if len(kept) <= limit:
+        return kept
+    # Keep both ends: the trainer's one-line reason starts with the file, line and field.
+    head = limit // 2
+    return kept[:head] + " ... " + kept[-(limit - head - 5) :]
 
 
 def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:

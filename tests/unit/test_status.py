@@ -176,3 +176,24 @@ def test_failure_info_leaves_unknown_fields_out_instead_of_empty_strings() -> No
     lost = st.Failure("job-rank-0", "", None, "PodLost", "", True)
     status = FineTuneJobStatus(last_failure=lost.info())
     assert status.wire()["lastFailure"] == {"pod": "job-rank-0", "reason": "PodLost"}
+
+
+def test_long_failure_messages_keep_their_start_and_end() -> None:
+    message = "data/train.jsonl line 7, field 'label': unknown label 'x'; accepted: " + ", ".join(
+        f"label{i}" for i in range(200)
+    )
+    pod = {
+        "metadata": {"name": "j-rank-0"},
+        "spec": {"nodeName": "n"},
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [
+                {"state": {"terminated": {"exitCode": 3, "message": "InvalidData: " + message}}}
+            ],
+        },
+    }
+    failure = st.classify_failure(pod)
+    assert failure is not None and failure.reason == "InvalidData"
+    assert len(failure.message) <= 512
+    assert failure.message.startswith("data/train.jsonl line 7, field 'label'")
+    assert failure.message.endswith("label199")
