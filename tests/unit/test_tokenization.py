@@ -78,8 +78,27 @@ def test_overlong_policies(tok: Any, policy: str) -> None:
 def test_packing_fills_sequences_without_losing_tokens(tok: Any) -> None:
     samples = [([1] * 5, [1] * 5), ([2] * 6, [2] * 6), ([3] * 7, [3] * 7)]
     packed = pack(samples, 12)
-    assert [len(i) for i, _ in packed] == [11, 7]
+    # Best fit decreasing: 7 and 5 fill one sequence exactly; in order, 5+6 | 7 would pad 6.
+    assert [len(i) for i, _ in packed] == [12, 6]
+    assert packed[0][0] == [1] * 5 + [3] * 7  # whole samples, in their original order
     assert sum(len(i) for i, _ in packed) == 18
+
+
+def test_packing_keeps_every_sample_whole_and_within_the_limit() -> None:
+    import random
+
+    rng = random.Random(7)
+    samples = [([k] * n, [k] * n) for k, n in enumerate(rng.randint(20, 300) for _ in range(400))]
+    packed = pack(samples, 512)
+    assert all(len(ids) <= 512 for ids, _ in packed)
+    flat = sorted(t for ids, _ in packed for t in ids)
+    assert flat == sorted(t for ids, _ in samples for t in ids)
+    for ids, labels in packed:  # each sample's tokens sit together
+        assert ids == labels
+        runs = [k for i, k in enumerate(ids) if i == 0 or ids[i - 1] != k]
+        assert len(runs) == len(set(runs))
+    fill = sum(len(i) for i, _ in packed) / (512 * len(packed))
+    assert fill > 0.95, fill
 
 
 def test_classification_truncation_keeps_last_token(tok: Any) -> None:

@@ -7,6 +7,7 @@ carry labels. So the model learns to answer, not to repeat the user.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -167,17 +168,33 @@ def _fit(
 def pack(
     samples: list[tuple[list[int], list[int]]], max_len: int
 ) -> list[tuple[list[int], list[int]]]:
-    """Greedily concatenate samples (in order) into sequences of at most max_len tokens."""
+    """Concatenate whole samples into sequences of at most max_len tokens, best fit decreasing.
+
+    Longest first, each into the fullest sequence it still fits: sequences come out nearly
+    full and alike in length, so a batch pads little (filling in order leaves ragged ends that
+    padding to the batch's longest then wastes). No sample is split; the result is ordered by
+    first sample for determinism (the sampler shuffles anyway).
+    """
+    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i][0]), i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, bin index), sorted
+    for i in order:
+        size = len(samples[i][0])
+        at = bisect.bisect_left(free, (size, -1))
+        if at < len(free):
+            space, b = free.pop(at)
+            bins[b].append(i)
+            bisect.insort(free, (space - size, b))
+        else:
+            bins.append([i])
+            bisect.insort(free, (max_len - size, len(bins) - 1))
     packed: list[tuple[list[int], list[int]]] = []
-    ids: list[int] = []
-    labels: list[int] = []
-    for s_ids, s_labels in samples:
-        if ids and len(ids) + len(s_ids) > max_len:
-            packed.append((ids, labels))
-            ids, labels = [], []
-        ids = ids + s_ids
-        labels = labels + s_labels
-    if ids:
+    for members in sorted(bins, key=min):
+        ids: list[int] = []
+        labels: list[int] = []
+        for i in sorted(members):
+            ids += samples[i][0]
+            labels += samples[i][1]
         packed.append((ids, labels))
     return packed
 
