@@ -16,6 +16,7 @@ import signal
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -181,6 +182,34 @@ def _finish(
     return dict(status)
 
 
+@dataclass
+class Env:
+    """What every fault test needs: the cluster, its namespace, the operator, the canary S3."""
+
+    cp: ControlPlane
+    ns: str
+    op: Operator
+    s3: dict[str, str]
+    request: pytest.FixtureRequest
+
+    def finish(self, name: str, fault_steps: list[int], **kw: Any) -> dict[str, Any]:
+        return _finish(self.cp, self.op, self.s3, self.ns, name, fault_steps, self.request, **kw)
+
+    def checkpointed_step(self, name: str, *, after: int = 0, attempt: int = 1) -> int:
+        return _checkpointed_step(self.cp, self.s3, self.ns, name, after=after, attempt=attempt)
+
+
+@pytest.fixture
+def env(
+    control_plane: ControlPlane,
+    namespace: str,
+    operator: Operator,
+    canary_s3: dict[str, str],
+    request: pytest.FixtureRequest,
+) -> Env:
+    return Env(control_plane, namespace, operator, canary_s3, request)
+
+
 def _job(name: str, s3: dict[str, str], epochs: int, **over: Any) -> dict[str, Any]:
     return chat_job(
         name,
@@ -191,34 +220,24 @@ def _job(name: str, s3: dict[str, str], epochs: int, **over: Any) -> dict[str, A
     )
 
 
-def test_rank_killed_three_times(
-    control_plane: ControlPlane,
-    namespace: str,
-    operator: Operator,
-    canary_s3: dict[str, str],
-    request: pytest.FixtureRequest,
-) -> None:
-    cp, ns, name = control_plane, namespace, "kill3"
+def test_rank_killed_three_times(env: Env) -> None:
+    cp, ns, canary_s3 = env.cp, env.ns, env.s3
+    name = "kill3"
     cp.apply(_job(name, canary_s3, 4, runPolicy={"backoffLimit": 5}), ns)
     fault_steps: list[int] = []
     latest = 0
     for attempt in (1, 2, 3):
-        step = _checkpointed_step(cp, canary_s3, ns, name, after=latest, attempt=attempt)
+        step = env.checkpointed_step(name, after=latest, attempt=attempt)
         latest = _latest(canary_s3, ns, name)
         faults.kill_pod_process(cp, ns, f"{name}-rank-0", wait=False)
         fault_steps.append(step)
-    status = _finish(cp, operator, canary_s3, ns, name, fault_steps, request, faults_injected=3)
+    status = env.finish(name, fault_steps, faults_injected=3)
     assert status["restarts"] == 3
 
 
-def test_operator_killed_mid_reconcile(
-    control_plane: ControlPlane,
-    namespace: str,
-    operator: Operator,
-    canary_s3: dict[str, str],
-    request: pytest.FixtureRequest,
-) -> None:
-    cp, ns, name = control_plane, namespace, "opkill"
+def test_operator_killed_mid_reconcile(env: Env) -> None:
+    cp, ns, operator, canary_s3 = env.cp, env.ns, env.op, env.s3
+    name = "opkill"
     cp.apply(_job(name, canary_s3, 2), ns)
     kills = 0
     # While it validates and launches: the handlers must be idempotent on the retry.
@@ -227,90 +246,63 @@ def test_operator_killed_mid_reconcile(
         operator.stop(signal.SIGKILL)
         operator.start()
         kills += 1
-    step = _checkpointed_step(cp, canary_s3, ns, name, after=0, attempt=1)
-    uid = _rank0(cp, ns, name)["metadata"]["uid"]  # type: ignore[index]
+    step = env.checkpointed_step(name)
     operator.stop(signal.SIGKILL)  # while it tracks progress
     time.sleep(3)
     operator.start()
     kills += 1
-    status = _finish(
-        cp,
-        operator,
-        canary_s3,
-        ns,
-        name,
-        [step],
-        request,
-        faults_injected=kills,
-        operator_kills=kills,
-    )
+    status = env.finish(name, [step], faults_injected=kills, operator_kills=kills)
     assert status["restarts"] == 0
     events = cp.get_json(f"/api/v1/namespaces/{ns}/events")["items"]
     launched = [
         e for e in events if e["reason"] == "Launched" and e["involvedObject"]["name"] == name
     ]
     assert sum(e.get("count", 1) for e in launched) <= 1, launched
-    del uid
 
 
-def test_apiserver_restart_mid_run(
-    control_plane: ControlPlane,
-    namespace: str,
-    operator: Operator,
-    canary_s3: dict[str, str],
-    request: pytest.FixtureRequest,
-) -> None:
-    cp, ns, name = control_plane, namespace, "apirestart"
+def test_apiserver_restart_mid_run(env: Env) -> None:
+    cp, ns, canary_s3 = env.cp, env.ns, env.s3
+    name = "apirestart"
     cp.apply(_job(name, canary_s3, 2), ns)
-    step = _checkpointed_step(cp, canary_s3, ns, name, after=0, attempt=1)
+    step = env.checkpointed_step(name)
     faults.restart_apiserver(cp)
-    status = _finish(cp, operator, canary_s3, ns, name, [step], request, faults_injected=1)
+    status = env.finish(name, [step], faults_injected=1)
     assert status["restarts"] == 0
 
 
-def test_s3_unavailable_for_30s(
-    control_plane: ControlPlane,
-    namespace: str,
-    operator: Operator,
-    canary_s3: dict[str, str],
-    request: pytest.FixtureRequest,
-) -> None:
-    cp, ns, name = control_plane, namespace, "s3down"
+def test_s3_unavailable_for_30s(env: Env) -> None:
+    cp, ns, operator, canary_s3 = env.cp, env.ns, env.op, env.s3
+    name = "s3down"
     host, port = canary_s3["endpoint"].removeprefix("http://").split(":")
     with TcpProxy(host, int(port)) as proxy:
         # The job talks to S3 through the proxy; the test reads the store directly.
         via_proxy = {**canary_s3, "endpoint": proxy.url}
         cp.apply(_job(name, via_proxy, 3), ns)
-        step = _checkpointed_step(cp, canary_s3, ns, name, after=0, attempt=1)
+        step = env.checkpointed_step(name)
         proxy.block()
         time.sleep(30)
         proxy.unblock()
         wait_phase(cp, operator, ns, name, {"Succeeded", "Failed"}, TIMEOUT)
         log = cp.pod_log(ns, f"{name}-rank-0")
-        status = _finish(cp, operator, canary_s3, ns, name, [step], request, faults_injected=1)
+        status = env.finish(name, [step], faults_injected=1)
     # The outage really hit the run: the trainer retried its uploads (and carried on).
     assert "retrying in" in log, log[-3000:]
     print(f"s3down: restarts {status['restarts']}")
 
 
-def test_node_not_ready(
-    control_plane: ControlPlane,
-    namespace: str,
-    operator: Operator,
-    canary_s3: dict[str, str],
-    request: pytest.FixtureRequest,
-) -> None:
-    cp, ns, name = control_plane, namespace, "nodedown"
+def test_node_not_ready(env: Env) -> None:
+    cp, ns, operator, canary_s3 = env.cp, env.ns, env.op, env.s3
+    name = "nodedown"
     job = _job(name, canary_s3, 4, runPolicy={"backoffLimit": 3, "nodeFailureTolerationSeconds": 5})
     cp.apply(job, ns)
-    step = _checkpointed_step(cp, canary_s3, ns, name, after=0, attempt=1)
+    step = env.checkpointed_step(name)
     node = _rank0(cp, ns, name)["spec"]["nodeName"]  # type: ignore[index]
     restore: Callable[[], None] = lambda: faults.mark_node_ready(cp, node, timeout=60)  # noqa: E731
     faults.mark_node_not_ready(cp, node)
     try:
         wait_phase(cp, operator, ns, name, {"Succeeded", "Failed"}, TIMEOUT)
         final_node = (_rank0(cp, ns, name) or {}).get("spec", {}).get("nodeName")
-        status = _finish(cp, operator, canary_s3, ns, name, [step], request, faults_injected=1)
+        status = env.finish(name, [step], faults_injected=1)
     finally:
         restore()
     assert status["restarts"] >= 1, "the ranks never left the NotReady node"
