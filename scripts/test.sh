@@ -23,7 +23,8 @@ if [ -f scripts/fetch-helm.sh ]; then
 fi
 
 echo "== pytest"
-# Default: everything except tests marked slow (long e2e runs); pass -m slow to run those.
+# Default: everything except tests marked slow (none are today: the e2e, chart, reliability and
+# model-conversion tests all run in CI); pass -m slow to run only those.
 args=("$@")
 [ ${#args[@]} -eq 0 ] && args=(-m "not slow")
 set +e

@@ -543,7 +543,6 @@ def test_fetch_helm_is_idempotent() -> None:
     assert helm("version", "--short").stdout.startswith("v3.19.0")
 
 
-@pytest.mark.slow
 def test_operator_extra_pulls_no_torch(tmp_path: Path) -> None:
     """`pip install .[operator]` resolves without torch (what Dockerfile.operator installs)."""
     env_dir = tmp_path / "venv"

@@ -353,7 +353,6 @@ def test_minilm_resolves_to_package_and_loads(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------- smollm2
 
 
-@pytest.mark.slow
 def test_smollm2_converts_and_generates() -> None:
     """Converts once into the shared cache ($KUBETUNE_CACHE or ~/.cache/kubetune), ~40 s."""
     pytest.importorskip("gguf")
