@@ -2,8 +2,8 @@
 
     PYTHONPATH=trainer python benchmarks/inference_latency.py [--model DIR] [--requests 200]
 
-Server side: ``kubetune_trainer.serve`` runs as a subprocess on a loopback port; clients send one
-text per request, at concurrency 1 and 16 (the server micro-batches concurrent requests).
+Server side: ``python -m kubetune_trainer serve`` runs as a subprocess on loopback; clients send
+one text per request, at concurrency 1 and 16 (the server micro-batches concurrent requests).
 In-process side: the same ClassifierEngine the server uses, called on the same texts in batches
 of 1 and 16. Without ``--model`` a MiniLM classifier with a fresh 3-label head is built into a
 temporary directory. The last line prints server/in-process ratios.
@@ -28,7 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "trainer")]
 
-from kubetune_trainer.modelcard import ModelCard, read_model_card, write_model_card  # noqa: E402
+from kubetune_trainer.evaluate.modelcard import ModelCard, read_model_card, write_model_card  # noqa: E402
 
 _SUBJECTS = ["my router", "the invoice", "my password", "the app", "my order", "the printer"]
 _PROBLEMS = ["keeps failing", "was charged twice", "does not work", "is missing", "crashed again"]
@@ -46,7 +46,7 @@ def make_texts(n: int) -> list[str]:
 def build_default_model(out: Path) -> Path:
     import transformers
 
-    from kubetune_trainer.builtin_models import resolve_builtin
+    from kubetune_trainer.models.builtin import resolve_builtin
 
     labels = ["billing", "technical", "escalate"]
     base = resolve_builtin("minilm")
@@ -87,7 +87,7 @@ class Result:
 
 
 def bench_in_process(model_dir: Path, texts: list[str], batch: int) -> Result:
-    from kubetune_trainer.serve_engine import ClassifierEngine
+    from kubetune_trainer.serve.engines import ClassifierEngine
 
     engine = ClassifierEngine(model_dir, read_model_card(model_dir))
     for _ in range(3):  # warm-up: first calls pay for lazy initialisation
@@ -130,7 +130,7 @@ def start_server(model_dir: Path, log: Path) -> tuple[subprocess.Popen[bytes], s
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "trainer"), str(ROOT)])}
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetune_trainer.serve", "--model", str(model_dir),
+            [sys.executable, "-m", "kubetune_trainer", "serve", "--model", str(model_dir),
              "--port", str(port), "--max-concurrency", "64", "--log-level", "warning"],
             stdout=fh, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip

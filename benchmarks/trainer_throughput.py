@@ -36,7 +36,7 @@ ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def model_dir(source: str) -> Path:
-    from kubetune_trainer.builtin_models import resolve_builtin
+    from kubetune_trainer.models.builtin import resolve_builtin
 
     if source.startswith("builtin:"):
         return resolve_builtin(source.removeprefix("builtin:"))

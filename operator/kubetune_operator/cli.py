@@ -61,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
-    from kubetune_trainer.serve import main as serve_main
+    from kubetune_trainer.serve.server import main as serve_main
 
     return serve_main(["--model", args.model, *extra])
 

@@ -92,8 +92,8 @@ def run_job_locally(
             metrics_port=metrics_port, metrics_host="127.0.0.1", termination_log=""
         ),
     )
-    from kubetune_trainer.runner import run
-    from kubetune_trainer.telemetry import classify_failure
+    from kubetune_trainer.errors import classify_failure
+    from kubetune_trainer.train.run import run
 
     started = time.monotonic()
     progress = Progress(

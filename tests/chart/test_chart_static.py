@@ -436,7 +436,7 @@ def test_monitoring_objects() -> None:
 def _exported_metric_names() -> set[str]:
     """Sample names the operator and the trainer really export (from their registries)."""
     from kubetune_operator import metrics as operator_metrics
-    from kubetune_trainer.telemetry import TrainerMetrics
+    from kubetune_trainer.telemetry.prometheus import TrainerMetrics
 
     names: set[str] = set()
     trainer = TrainerMetrics(job="j", namespace="ns")

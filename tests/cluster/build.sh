@@ -42,8 +42,10 @@ if ((${#need[@]})); then
   if [[ ! -e $policy ]]; then
     printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; created_policy=1
   fi
-  apt-get install -y --no-install-recommends "${need[@]}" || {
-    apt-get update && apt-get install -y --no-install-recommends "${need[@]}"; }
+  # Wait for the dpkg lock (another apt run, e.g. unattended upgrades) instead of failing.
+  lock=(-o DPkg::Lock::Timeout=600)
+  apt-get "${lock[@]}" install -y --no-install-recommends "${need[@]}" || {
+    apt-get "${lock[@]}" update && apt-get "${lock[@]}" install -y --no-install-recommends "${need[@]}"; }
   ((created_policy)) && rm -f "$policy"
   # If a packaged etcd got started anyway, stop it: it would hold 2379/2380.
   if command -v systemctl >/dev/null 2>&1 && [[ -d /run/systemd/system ]]; then

@@ -1,4 +1,4 @@
-"""Tests for kubetune_trainer.builtin_models: builtin:minilm, :smollm2 and :tiny-llama."""
+"""Tests for kubetune_trainer.models.builtin: builtin:minilm, :smollm2 and :tiny-llama."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ pytest.importorskip("transformers")
 import torch
 import transformers
 
-from kubetune_trainer import builtin_models
-from kubetune_trainer.builtin_models import (
+from kubetune_trainer.models import builtin as builtin_models
+from kubetune_trainer.models.builtin import (
     BUILTIN_MODELS,
     COMPLETE_MARKER,
     BuiltinModelPackageError,
@@ -234,7 +234,7 @@ def test_tiny_llama_is_deterministic(tiny_dir: Path, tmp_path: Path) -> None:
     other_cache = tmp_path / "again"
     code = (
         "import sys; from pathlib import Path; "
-        "from kubetune_trainer.builtin_models import resolve_builtin; "
+        "from kubetune_trainer.models.builtin import resolve_builtin; "
         "print(resolve_builtin('tiny-llama', cache=Path(sys.argv[1])))"
     )
     env = _subprocess_env(PYTHONHASHSEED="12345")
@@ -256,7 +256,7 @@ def test_tiny_llama_concurrent_resolve(tmp_path: Path) -> None:
     code = (
         "import logging, sys; from pathlib import Path; "
         "logging.basicConfig(level=logging.INFO, format='%(message)s'); "
-        "from kubetune_trainer.builtin_models import resolve_builtin; "
+        "from kubetune_trainer.models.builtin import resolve_builtin; "
         "print(resolve_builtin('tiny-llama', cache=Path(sys.argv[1])))"
     )
     env = _subprocess_env()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune_trainer.config import EvaluationSpec, TrainerConfig, check_gates
-from kubetune_trainer.engine import DistEnv, deepspeed_config, plan_steps
+from kubetune_trainer.train.engine import DistEnv, deepspeed_config, plan_steps
 
 
 def cfg(**over: Any) -> TrainerConfig:

@@ -1,4 +1,4 @@
-"""Tests for kubetune_trainer.metrics: known values computed by hand."""
+"""Tests for kubetune_trainer.evaluate.metrics: known values computed by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from kubetune_trainer.metrics import (
+from kubetune_trainer.evaluate.metrics import (
     PERPLEXITY_CAP,
     bleu,
     classification_metrics,

@@ -14,15 +14,15 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from kubetune_trainer.modelcard import (
+from kubetune_trainer.evaluate.modelcard import (
     ModelCard,
     ModelCardError,
     read_model_card,
     write_model_card,
 )
-from kubetune_trainer.serve import build_parser, main, settings_from_args
-from kubetune_trainer.serve_state import ServerState
-from kubetune_trainer.serve_stream import StopBuffer, cut_at_stop
+from kubetune_trainer.serve.server import build_parser, main, settings_from_args
+from kubetune_trainer.serve.state import ServerState
+from kubetune_trainer.serve.streaming import StopBuffer, cut_at_stop
 
 LABELS = ["billing", "technical", "escalate"]
 

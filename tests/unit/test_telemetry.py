@@ -1,4 +1,4 @@
-"""Tests for kubetune_trainer.telemetry: metrics over HTTP, progress.json, exit reasons."""
+"""Tests for kubetune_trainer.telemetry and .errors: metrics, progress.json, exit reasons."""
 
 from __future__ import annotations
 
@@ -17,16 +17,12 @@ import requests
 from prometheus_client import REGISTRY, generate_latest
 
 from kubetune_trainer.config import JobIdentity
+from kubetune_trainer.errors import ConfigError, TrainingInterrupted, classify_failure
 from kubetune_trainer.store import StorageUnavailable, Store, open_store
-from kubetune_trainer.telemetry import (
-    PROGRESS_FILE,
-    ConfigError,
-    ProgressReporter,
-    TrainerMetrics,
-    TrainingInterrupted,
-    classify_failure,
-    read_progress,
-    redact_secrets,
+from kubetune_trainer.telemetry.progress import PROGRESS_FILE, ProgressReporter, read_progress
+from kubetune_trainer.telemetry.prometheus import TrainerMetrics
+from kubetune_trainer.telemetry.secrets import redact_secrets
+from kubetune_trainer.telemetry.termination import (
     success_message,
     write_success,
     write_termination_message,
@@ -195,7 +191,7 @@ def test_failing_store_never_crashes(
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setattr(store, "write_json", flaky)
-    caplog.set_level(logging.DEBUG, logger="kubetune_trainer.telemetry")
+    caplog.set_level(logging.DEBUG, logger="kubetune_trainer.telemetry.progress")
     rep = ProgressReporter(store, interval_seconds=0.05)
     try:
         rep.update(phase="training", step=1, total_steps=10)
@@ -207,7 +203,7 @@ def test_failing_store_never_crashes(
     warnings = [
         r
         for r in caplog.records
-        if r.levelno == logging.WARNING and r.name == "kubetune_trainer.telemetry"
+        if r.levelno == logging.WARNING and r.name == "kubetune_trainer.telemetry.progress"
     ]
     assert len(warnings) == 1  # one warning per outage, not one per tick
     assert SECRET not in caplog.text
@@ -391,7 +387,8 @@ def test_redact_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_modules_import_without_heavy_dependencies() -> None:
     code = (
-        "import sys, kubetune_trainer.telemetry, kubetune_trainer.metrics;"
+        "import sys, kubetune_trainer.errors, kubetune_trainer.telemetry.progress,"
+        " kubetune_trainer.telemetry.termination, kubetune_trainer.evaluate.metrics;"
         "print(sorted(m for m in ('torch', 'sklearn', 'sacrebleu', 'boto3') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from kubetune_trainer.builtin_models import resolve_builtin
 from kubetune_trainer.config import ModelSpec
+from kubetune_trainer.models.builtin import resolve_builtin
 from kubetune_trainer.tokenization import (
     IGNORE,
     Collator,

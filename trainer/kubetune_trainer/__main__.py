@@ -3,7 +3,7 @@
     train --config FILE        (or the config JSON in $KUBETUNE_CONFIG)
     serve --model DIR|s3://... [--host --port --max-concurrency ...]
 
-`train` exits with the codes documented in kubetune_trainer.telemetry, after writing a one-line
+`train` exits with the codes documented in kubetune_trainer.errors, after writing a one-line
 reason to the termination log, so the operator can tell retryable failures from permanent ones.
 """
 
@@ -43,7 +43,8 @@ def train_main(argv: list[str]) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from kubetune_trainer.telemetry import classify_failure, write_termination_message
+    from kubetune_trainer.errors import classify_failure
+    from kubetune_trainer.telemetry.termination import write_termination_message
 
     termination_log = args.termination_log or os.environ.get("KUBETUNE_TERMINATION_LOG")
     try:
@@ -51,7 +52,7 @@ def train_main(argv: list[str]) -> int:
         if termination_log:
             cfg.telemetry.termination_log = termination_log
         termination_log = cfg.telemetry.termination_log
-        from kubetune_trainer.runner import run
+        from kubetune_trainer.train.run import run
 
         result = run(cfg, base_dir=Path(args.base_dir) if args.base_dir else None)
     except (Exception, KeyboardInterrupt) as exc:
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m kubetune_trainer {train,serve} ...", file=sys.stderr)
         return 2
     if args[0] == "serve":
-        from kubetune_trainer.serve import main as serve_main
+        from kubetune_trainer.serve.server import main as serve_main
 
         return serve_main(args[1:])
     return train_main(args[1:])

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_trainer.config import ModelSpec
-from kubetune_trainer.telemetry import ConfigError
+from kubetune_trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

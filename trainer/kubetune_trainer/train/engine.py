@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.builtin_models import cache_dir
-from kubetune_trainer.checkpoint import CheckpointManager
 from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.evaluate import loss_and_predictions
-from kubetune_trainer.metrics import classification_metrics, perplexity
+from kubetune_trainer.evaluate.evaluator import loss_and_predictions
+from kubetune_trainer.evaluate.metrics import classification_metrics, perplexity
+from kubetune_trainer.models.builtin import cache_dir
 from kubetune_trainer.tokenization import Collator
+from kubetune_trainer.train.checkpoint import CheckpointManager
 
 log = logging.getLogger(__name__)
 

@@ -19,39 +19,37 @@ from types import FrameType
 from typing import Any
 
 from kubetune_trainer import __version__
-from kubetune_trainer.checkpoint import CheckpointManager
 from kubetune_trainer.config import TrainerConfig, check_gates
 from kubetune_trainer.data import PreparedData, prepare_data
-from kubetune_trainer.engine import (
-    DistEnv,
-    TrainHooks,
-    init_distributed,
-    precision_of,
-    save_model,
-    train,
-)
-from kubetune_trainer.evaluate import evaluate
-from kubetune_trainer.metrics import compare
-from kubetune_trainer.model import (
+from kubetune_trainer.errors import TrainingInterrupted
+from kubetune_trainer.evaluate.evaluator import evaluate
+from kubetune_trainer.evaluate.metrics import compare
+from kubetune_trainer.evaluate.modelcard import ModelCard, write_model_card
+from kubetune_trainer.models.loading import (
     check_method,
     load_model,
     model_context_length,
     resolve_source,
 )
-from kubetune_trainer.modelcard import ModelCard, write_model_card
 from kubetune_trainer.store import Store, StoreNotFound, open_store, ride_out_outage
-from kubetune_trainer.telemetry import (
-    ProgressReporter,
-    TrainerMetrics,
-    TrainingInterrupted,
-    write_success,
-)
+from kubetune_trainer.telemetry.progress import ProgressReporter
+from kubetune_trainer.telemetry.prometheus import TrainerMetrics
+from kubetune_trainer.telemetry.termination import write_success
 from kubetune_trainer.tokenization import (
     TokenizeReport,
     causal_features,
     classification_features,
     effective_max_length,
     load_tokenizer,
+)
+from kubetune_trainer.train.checkpoint import CheckpointManager
+from kubetune_trainer.train.engine import (
+    DistEnv,
+    TrainHooks,
+    init_distributed,
+    precision_of,
+    save_model,
+    train,
 )
 
 log = logging.getLogger(__name__)

@@ -21,10 +21,10 @@ from types import FrameType
 
 import uvicorn
 
-from kubetune_trainer.modelcard import ModelCardError, read_model_card
-from kubetune_trainer.serve_app import create_app
-from kubetune_trainer.serve_metrics import ServeMetrics
-from kubetune_trainer.serve_state import ServerState, ServeSettings
+from kubetune_trainer.evaluate.modelcard import ModelCardError, read_model_card
+from kubetune_trainer.serve.app import create_app
+from kubetune_trainer.serve.metrics import ServeMetrics
+from kubetune_trainer.serve.state import ServerState, ServeSettings
 
 __all__ = ["build_parser", "main", "settings_from_args"]
 

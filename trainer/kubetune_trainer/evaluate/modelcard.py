@@ -153,7 +153,7 @@ def resolve_base_model(directory: Path | str, card: ModelCard) -> Path:
         base = Path(card.base_model_path)
         return base if base.is_absolute() else (directory / base).resolve()
     if card.base_model.startswith("builtin:"):
-        from kubetune_trainer.builtin_models import resolve_builtin  # heavy deps: import lazily
+        from kubetune_trainer.models.builtin import resolve_builtin  # heavy deps: import lazily
 
         return resolve_builtin(card.base_model)
     local = Path(card.base_model)

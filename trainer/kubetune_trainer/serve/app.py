@@ -20,10 +20,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kubetune_trainer.modelcard import read_model_card
-from kubetune_trainer.serve_metrics import MetricsMiddleware, ServeMetrics
-from kubetune_trainer.serve_middleware import AdmissionMiddleware, BodyLimitMiddleware
-from kubetune_trainer.serve_schemas import (
+from kubetune_trainer.evaluate.modelcard import read_model_card
+from kubetune_trainer.serve.metrics import MetricsMiddleware, ServeMetrics
+from kubetune_trainer.serve.middleware import AdmissionMiddleware, BodyLimitMiddleware
+from kubetune_trainer.serve.schemas import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -46,11 +46,11 @@ from kubetune_trainer.serve_schemas import (
     ModelList,
     Usage,
 )
-from kubetune_trainer.serve_state import ServerState
-from kubetune_trainer.serve_stream import SSE_DONE, StopBuffer, sse
+from kubetune_trainer.serve.state import ServerState
+from kubetune_trainer.serve.streaming import SSE_DONE, StopBuffer, sse
 
 if TYPE_CHECKING:
-    from kubetune_trainer.serve_engine import CausalLMEngine, ClassifierEngine, GenerationParams
+    from kubetune_trainer.serve.engines import CausalLMEngine, ClassifierEngine, GenerationParams
 
 log = logging.getLogger("kubetune_trainer.serve")
 
@@ -159,7 +159,9 @@ def create_app(state: ServerState, metrics: ServeMetrics) -> FastAPI:
             state.model_dir, state.card = model_dir, card
             log.info("loading %s model from %s", card.task, model_dir)
             started = time.perf_counter()
-            from kubetune_trainer import serve_engine  # torch + transformers load here
+            from kubetune_trainer.serve import (
+                engines as serve_engine,  # torch + transformers load here
+            )
 
             engine = await asyncio.to_thread(
                 serve_engine.load_engine, model_dir, card, settings.device
@@ -273,7 +275,7 @@ def create_app(state: ServerState, metrics: ServeMetrics) -> FastAPI:
     # ------------------------------------------------------------------ text generation
 
     def causal_engine() -> CausalLMEngine:
-        from kubetune_trainer.serve_engine import CausalLMEngine
+        from kubetune_trainer.serve.engines import CausalLMEngine
 
         engine = state.engine
         assert isinstance(engine, CausalLMEngine)  # the admission middleware checked the task
@@ -282,7 +284,7 @@ def create_app(state: ServerState, metrics: ServeMetrics) -> FastAPI:
     def params_for(
         req: ChatCompletionRequest | CompletionRequest, engine: CausalLMEngine, prompt_len: int
     ) -> GenerationParams:
-        from kubetune_trainer.serve_engine import GenerationParams, PromptTooLongError
+        from kubetune_trainer.serve.engines import GenerationParams, PromptTooLongError
 
         limit = settings.max_tokens_limit
         if req.max_tokens is not None and req.max_tokens > limit:

@@ -11,8 +11,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kubetune_trainer.serve_metrics import ServeMetrics
-from kubetune_trainer.serve_state import TASK_ENDPOINTS, ServerState
+from kubetune_trainer.serve.metrics import ServeMetrics
+from kubetune_trainer.serve.state import TASK_ENDPOINTS, ServerState
 
 
 def error_body(

@@ -10,9 +10,9 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.builtin_models import BUILTIN_PREFIX, cache_dir, resolve_builtin
 from kubetune_trainer.config import LoraSpec, TrainerConfig
-from kubetune_trainer.telemetry import ConfigError
+from kubetune_trainer.errors import ConfigError
+from kubetune_trainer.models.builtin import BUILTIN_PREFIX, cache_dir, resolve_builtin
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from kubetune_trainer.metrics import bleu, classification_metrics, perplexity
+from kubetune_trainer.evaluate.metrics import bleu, classification_metrics, perplexity
 from kubetune_trainer.tokenization import IGNORE, Collator, chat_prompt
 
 log = logging.getLogger(__name__)

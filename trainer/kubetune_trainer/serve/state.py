@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from kubetune_trainer.modelcard import ModelCard
+from kubetune_trainer.evaluate.modelcard import ModelCard
 
 if TYPE_CHECKING:  # the engine module pulls in torch; only its types are needed here
-    from kubetune_trainer.serve_engine import Engine, MicroBatcher
+    from kubetune_trainer.serve.engines import Engine, MicroBatcher
 
 Task = Literal["causal-lm", "sequence-classification"]
 

@@ -27,8 +27,8 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from kubetune_trainer.modelcard import ModelCard, resolve_base_model
-from kubetune_trainer.serve_stream import cut_at_stop
+from kubetune_trainer.evaluate.modelcard import ModelCard, resolve_base_model
+from kubetune_trainer.serve.streaming import cut_at_stop
 
 log = logging.getLogger(__name__)
 
