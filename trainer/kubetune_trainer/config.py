@@ -304,8 +304,10 @@ class EarlyStoppingSpec(WireModel):
     enabled: bool = Field(default=False, description="Enable early stopping.")
     metric: str = Field(
         default="loss",
-        pattern=r"^[a-z_]+$",
-        description="Validation metric to watch: loss, accuracy, f1 or perplexity.",
+        pattern=r"^[a-z][a-z0-9_]*$",
+        max_length=64,
+        description="Validation metric to watch: loss or perplexity (causal-lm); loss, "
+        "accuracy, f1 or f1_macro (sequence-classification).",
     )
     mode: Literal["min", "max"] = Field(
         default="min", description="min: lower is better (loss); max: higher is better."
@@ -450,12 +452,89 @@ class TrainingSpec(WireModel):
             raise ValueError("data.labels: applies only to task 'sequence-classification'")
         return self
 
+    @model_validator(mode="after")
+    def _metrics_fit_task(self) -> TrainingSpec:
+        # Known before any data is read: rejecting here saves a pod start, data preparation and
+        # backoffLimit gang restarts of a run that could never use the metric.
+        if self.model.source.startswith("builtin:"):
+            _check_builtin(self.model.source, self.task)
+        computed = computed_metrics(self.task, self.data.format, self.effective_metrics())
+        for name in self.evaluation.metrics or ():
+            if name not in TASK_METRICS[self.task]:
+                raise ValueError(
+                    f"evaluation.metrics: {name!r} is not computed for task {self.task!r}; "
+                    f"accepted: {', '.join(TASK_METRICS[self.task])}"
+                )
+        watched = VALIDATION_METRICS[self.task]
+        if self.early_stopping.metric not in watched:
+            raise ValueError(
+                f"earlyStopping.metric: {self.early_stopping.metric!r} is not computed on the "
+                f"validation split for task {self.task!r}; accepted: {', '.join(watched)}"
+            )
+        for i, gate in enumerate(self.evaluation.gates):
+            if gate.metric not in computed:
+                why = (
+                    " (bleu needs chat or instruction data and 'bleu' in evaluation.metrics)"
+                    if gate.metric in ("bleu", "bleu_samples") and self.task == "causal-lm"
+                    else ""
+                )
+                raise ValueError(
+                    f"evaluation.gates[{i}].metric: {gate.metric!r} is not computed for task "
+                    f"{self.task!r} with data.format {self.data.format!r}{why}; "
+                    f"accepted: {', '.join(computed)}"
+                )
+        return self
+
     def effective_metrics(self) -> list[str]:
         if self.evaluation.metrics:
             return list(self.evaluation.metrics)
         if self.task == "causal-lm":
             return ["loss", "perplexity", "bleu"]
         return ["loss", "accuracy", "f1"]
+
+
+# What the trainer computes, by task: on the validation split during training (what early
+# stopping can watch) and on the test split at the end (what gates can check).
+VALIDATION_METRICS: dict[str, tuple[str, ...]] = {
+    "causal-lm": ("loss", "perplexity"),
+    "sequence-classification": ("loss", "accuracy", "f1", "f1_macro"),
+}
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "causal-lm": ("loss", "perplexity", "bleu"),
+    "sequence-classification": ("loss", "accuracy", "f1"),
+}
+# Built-in models and the task each suits ("both": either); models.builtin must agree (tested).
+BUILTIN_MODEL_TASKS: dict[str, str] = {
+    "minilm": "sequence-classification",
+    "smollm2": "causal-lm",
+    "tiny-llama": "both",
+}
+
+
+def computed_metrics(task: str, fmt: str, requested: list[str]) -> tuple[str, ...]:
+    """Metric names the final evaluation reports for this task and data (gate-able names)."""
+    if task == "sequence-classification":
+        return ("loss", "samples", "accuracy", "f1", "f1_macro")
+    names: tuple[str, ...] = ("loss", "samples", "perplexity")
+    if "bleu" in requested and fmt in ("chat", "instruction"):
+        names += ("bleu", "bleu_samples")
+    return names
+
+
+def _check_builtin(source: str, task: str) -> None:
+    name = source.removeprefix("builtin:")
+    suits = BUILTIN_MODEL_TASKS.get(name)
+    if suits is None:
+        known = ", ".join(f"builtin:{n}" for n in BUILTIN_MODEL_TASKS)
+        raise ValueError(f"model.source: unknown built-in model {source!r}; accepted: {known}")
+    if suits not in ("both", task):
+        fits = ", ".join(
+            f"builtin:{n}" for n, t in BUILTIN_MODEL_TASKS.items() if t in (task, "both")
+        )
+        raise ValueError(
+            f"model.source: {source!r} is a {suits} model and does not fit task {task!r}; "
+            f"accepted for this task: {fits}"
+        )
 
 
 class JobIdentity(WireModel):
@@ -519,8 +598,38 @@ def reject_inline_secrets(data: Any, where: str) -> None:
             reject_inline_secrets(value, f"{where}{key}.")
 
 
-# Lower is better for these; higher for everything else (accuracy, f1_macro, bleu).
-LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+# The one lower-is-better set; higher is better for everything else (accuracy, f1_macro, bleu).
+# Any metric named *_loss (eval_loss, test_loss) is lower-is-better too: see lower_is_better().
+LOWER_IS_BETTER: frozenset[str] = frozenset({"loss", "perplexity", "eval_loss", "test_loss"})
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric in LOWER_IS_BETTER or metric.endswith("_loss")
+
+
+class GateVerdict(WireModel):
+    """One gate as the trainer decided it. The operator reports it and never recomputes it."""
+
+    metric: str
+    op: str
+    value: float | None = None
+    actual: float | None = None
+    passed: bool
+    must_beat_base: bool = False
+
+
+class FinalReport(WireModel):
+    """Rank 0's `Succeeded: {json}` termination message: the operator's whole view of a result.
+
+    Kubernetes keeps 4 KiB of it, so only top-level numbers travel (per-class reports and the
+    confusion matrix stay in eval.json) and non-finite values become null.
+    """
+
+    metrics: dict[str, float | None] = Field(default_factory=dict)
+    gates: list[GateVerdict] = Field(default_factory=list)
+    gates_passed: bool
+
+
 _METRIC_ALIASES = {"f1": "f1_macro"}
 
 
