@@ -9,6 +9,8 @@ echo "== ruff"
 ruff check operator trainer tests benchmarks examples scripts
 echo "== mypy --strict"
 mypy --strict operator/kubetune_operator trainer/kubetune_trainer
+echo "== layer contracts (import-linter; see docs/architecture.md)"
+lint-imports --no-cache
 echo "== CRD in sync with the models"
 python -m kubetune_operator.api.crdgen --check
 
@@ -28,7 +30,7 @@ echo "== pytest"
 args=("$@")
 [ ${#args[@]} -eq 0 ] && args=(-m "not slow")
 set +e
-python -m pytest "${args[@]}"
+python -m pytest --durations=25 "${args[@]}"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
