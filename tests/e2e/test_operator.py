@@ -45,7 +45,7 @@ def _check_cli(cp: ControlPlane, ns: str, name: str, capsys: pytest.CaptureFixtu
     """`kubetune get/status/logs` (cli_cluster) against the same cluster."""
     import argparse
 
-    from kubetune_operator.cli_cluster import add_cluster_commands
+    from kubetune_operator.cli.cluster import add_cluster_commands
 
     parser = argparse.ArgumentParser(prog="kubetune")
     add_cluster_commands(parser.add_subparsers(dest="command", required=True))

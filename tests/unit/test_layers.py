@@ -26,6 +26,10 @@ VIOLATIONS = {
         "operator/kubetune_operator/builders/service.py",
         "from kubetune_operator import kube",
     ),
+    "operator-no-trainer-runtime": (
+        "operator/kubetune_operator/cli/validate.py",
+        "from kubetune_operator.cli import run",
+    ),
     "server-not-training": (
         "trainer/kubetune_trainer/serve/schemas.py",
         "from kubetune_trainer.train import engine",

@@ -1,6 +1,6 @@
 """`kubetune get|status|logs`: FineTuneJobs on a cluster, through the current kubeconfig.
 
-Registered by cli.py through `add_cluster_commands(subparsers)`.
+Registered by cli/main.py through `add_cluster_commands(subparsers)`.
 """
 
 from __future__ import annotations
