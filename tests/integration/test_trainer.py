@@ -135,7 +135,14 @@ def test_full_fine_tune_lowers_loss_and_writes_a_loadable_model(tmp_path: Path) 
     latest = json.loads((store / "checkpoints" / "latest").read_text())
     assert (store / "checkpoints" / f"step-{latest['step']}" / "COMPLETE").exists()
     assert progress(store)["phase"] == "done"  # type: ignore[index]
-    assert (tmp_path / "termination-log").read_text().startswith("Succeeded: {")
+    message = (tmp_path / "termination-log").read_text()
+    assert message.startswith("Succeeded: {")
+    from kubetune_trainer.config import FinalReport
+
+    final = FinalReport.model_validate_json(message.removeprefix("Succeeded: "))
+    assert final.gates_passed is report["gatesPassed"]
+    assert final.metrics["loss"] == round(report["tuned"]["loss"], 6)
+    assert "samples" not in final.metrics and "generations" not in final.metrics
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(store / "model")

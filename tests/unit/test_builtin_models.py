@@ -21,6 +21,7 @@ import torch
 import transformers
 
 from kubetune_trainer.models import builtin as builtin_models
+from kubetune_trainer.models import tiny as tiny_model
 from kubetune_trainer.models.builtin import (
     BUILTIN_MODELS,
     COMPLETE_MARKER,
@@ -170,6 +171,16 @@ def test_tiny_llama_builds_and_loads(tiny_dir: Path) -> None:
     assert generated.shape[0] == 1
 
 
+def test_tiny_corpus_is_package_data() -> None:
+    # The tokenizer (so the vocabulary, so the cached tiny-llama-v1) depends on every byte:
+    # a changed corpus must come with a new version tag in builtin._VERSION_TAGS.
+    text = tiny_model.corpus()
+    assert hashlib.sha256(text.encode("utf-8")).hexdigest() == (
+        "a1d1e094d52744966948c6508fe9f0cd2e041f79a72473f4583cb71ae40ad21c"
+    )
+    assert builtin_models._VERSION_TAGS["tiny-llama"] == "v1"
+
+
 def test_tiny_llama_loads_as_classifier(tiny_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=3)
@@ -308,7 +319,7 @@ def test_complete_directory_is_reused(tmp_path: Path, monkeypatch: pytest.Monkey
     def fail(out: Path) -> dict[str, object]:
         raise AssertionError("must not rebuild a complete directory")
 
-    monkeypatch.setattr(builtin_models, "_build_tiny_llama", fail)
+    monkeypatch.setattr(tiny_model, "build_tiny_llama", fail)
     assert resolve_builtin("builtin:tiny-llama", cache=tmp_path) == target
 
 
@@ -319,7 +330,7 @@ def test_failed_build_leaves_nothing_behind(
         (out / "half-written").write_text("x")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(builtin_models, "_build_tiny_llama", boom)
+    monkeypatch.setattr(tiny_model, "build_tiny_llama", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         resolve_builtin("tiny-llama", cache=tmp_path)
     leftovers = [p.name for p in (tmp_path / "models").iterdir() if not p.name.endswith(".lock")]

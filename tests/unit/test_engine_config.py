@@ -1,10 +1,10 @@
-"""Pure parts of the engine: step planning, DeepSpeed config, gates."""
+"""Pure parts of the engine: step planning, DeepSpeed config."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from kubetune_trainer.config import EvaluationSpec, TrainerConfig, check_gates
+from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.train.engine import DistEnv, deepspeed_config, plan_steps
 
 
@@ -49,24 +49,3 @@ def test_user_deepspeed_config_keeps_spec_batch_geometry() -> None:
     assert conf["zero_optimization"] == {"stage": 1}
     assert conf["train_micro_batch_size_per_gpu"] == 2
     assert "train_batch_size" not in conf
-
-
-def test_gates_and_must_beat_base() -> None:
-    spec = EvaluationSpec.model_validate(
-        {
-            "gates": [
-                {"metric": "f1", "op": ">=", "value": 0.5},
-                {"metric": "bleu", "op": ">", "value": 1},
-            ],
-            "mustBeatBase": True,
-        }
-    )
-    res = check_gates(
-        spec, "sequence-classification", {"f1_macro": 0.7, "accuracy": 0.8}, {"accuracy": 0.2}
-    )
-    assert [r["passed"] for r in res] == [True, False, True]
-    assert res[1]["actual"] is None  # a gate on a metric never computed fails
-    res = check_gates(
-        EvaluationSpec(must_beat_base=True), "causal-lm", {"loss": 2.0}, {"loss": 1.5}
-    )
-    assert res[0]["passed"] is False

@@ -97,3 +97,13 @@ def test_compare_skips_missing_and_nested() -> None:
     base = {"loss": 1.0, "accuracy": 0.5, "per_class": {"a": 1}}
     tuned = {"loss": 0.5, "bleu": 3.0, "per_class": {"a": 2}}
     assert set(compare(base, tuned)) == {"loss"}  # type: ignore[arg-type]
+
+
+def test_compare_uses_the_one_lower_is_better_set() -> None:
+    from kubetune_trainer.config import LOWER_IS_BETTER
+    from kubetune_trainer.evaluate import metrics
+
+    assert not hasattr(metrics, "LOWER_IS_BETTER")  # config's set is the only one
+    for name in [*LOWER_IS_BETTER, "val_loss"]:  # and any *_loss
+        assert compare({name: 2.0}, {name: 1.0})[name]["improved"] is True
+    assert compare({"accuracy": 2.0}, {"accuracy": 1.0})["accuracy"]["improved"] is False

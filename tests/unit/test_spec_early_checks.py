@@ -140,6 +140,27 @@ def test_classification_metrics_accepted(extra: dict[str, Any]) -> None:
     validate_document(doc(CLS, **extra))
 
 
+@pytest.mark.parametrize(
+    ("spec", "es", "accepted"),
+    [
+        (CLS, {"metric": "accuracy", "mode": "min"}, "accepted: 'max', or leave mode unset"),
+        (LM, {"metric": "loss", "mode": "max"}, "accepted: 'min', or leave mode unset"),
+    ],
+)
+def test_early_stopping_mode_must_fit_the_metric(
+    spec: dict[str, Any], es: dict[str, Any], accepted: str
+) -> None:
+    path, message = only_error(doc(spec, earlyStopping=es))
+    assert path == "spec.earlyStopping.mode"
+    assert accepted in message
+
+
+def test_early_stopping_mode_defaults_to_the_metric_direction() -> None:
+    job = validate_document(doc(CLS, earlyStopping={"metric": "accuracy"}))
+    assert job.spec.early_stopping.mode is None  # the trainer takes the metric's direction
+    validate_document(doc(CLS, earlyStopping={"metric": "accuracy", "mode": "max"}))
+
+
 def test_bleu_gate_accepted_on_chat_data() -> None:
     validate_document(
         doc(

@@ -16,13 +16,15 @@ import pytest
 import requests
 from prometheus_client import REGISTRY, generate_latest
 
-from kubetune_trainer.config import JobIdentity
+from kubetune_trainer.config import FinalReport, GateVerdict, JobIdentity
 from kubetune_trainer.errors import ConfigError, TrainingInterrupted, classify_failure
 from kubetune_trainer.store import StorageUnavailable, Store, open_store
 from kubetune_trainer.telemetry.progress import PROGRESS_FILE, ProgressReporter, read_progress
 from kubetune_trainer.telemetry.prometheus import TrainerMetrics
 from kubetune_trainer.telemetry.secrets import redact_secrets
 from kubetune_trainer.telemetry.termination import (
+    TERMINATION_MESSAGE_MAX_BYTES,
+    final_report,
     success_message,
     write_success,
     write_termination_message,
@@ -272,7 +274,12 @@ def test_termination_message_unwritable_path(tmp_path: Path) -> None:
             ro.chmod(0o700)
 
 
-def test_success_message(tmp_path: Path) -> None:
+def _verdict(metric: str = "accuracy", passed: bool = True, **over: Any) -> GateVerdict:
+    fields: dict[str, Any] = {"metric": metric, "op": ">=", "value": 0.8, "actual": 0.93}
+    return GateVerdict(**{**fields, **over}, passed=passed)
+
+
+def test_success_message_is_the_final_report(tmp_path: Path) -> None:
     metrics = {
         "accuracy": 0.93,
         "f1_macro": 0.92,
@@ -281,16 +288,66 @@ def test_success_message(tmp_path: Path) -> None:
         "per_class": {"a": {"f1": 1.0}},
         "confusion_matrix": [[1]],
         "steps": 40,
+        "flag": True,
     }
-    assert success_message(metrics) == (
-        '{"accuracy":0.93,"f1_macro":0.92,"loss":0.31,"perplexity":null,"steps":40}'
-    )
+    report = final_report(metrics, [_verdict(), _verdict(op=">", value=0.5, must_beat_base=True)])
+    assert report.metrics == {
+        "accuracy": 0.93, "f1_macro": 0.92, "loss": 0.31, "perplexity": None, "steps": 40.0,
+    }  # fmt: skip
+    assert report.gates_passed is True
+    text = success_message(report)
+    assert json.loads(text) == {
+        "metrics": {
+            "accuracy": 0.93, "f1_macro": 0.92, "loss": 0.31, "perplexity": None, "steps": 40.0,
+        },
+        "gates": [
+            {"metric": "accuracy", "op": ">=", "value": 0.8, "actual": 0.93, "passed": True,
+             "mustBeatBase": False},
+            {"metric": "accuracy", "op": ">", "value": 0.5, "actual": 0.93, "passed": True,
+             "mustBeatBase": True},
+        ],
+        "gatesPassed": True,
+    }  # fmt: skip
+    assert " " not in text  # compact: one line, every byte counts
+
     path = tmp_path / "termination-log"
-    write_success(str(path), {"accuracy": 0.93, "f1_macro": 0.92, "loss": 0.31})
-    text = path.read_text()
-    assert text == 'Succeeded: {"accuracy":0.93,"f1_macro":0.92,"loss":0.31}'
-    reason, _, payload = text.partition(": ")
-    assert reason == "Succeeded" and json.loads(payload)["accuracy"] == 0.93
+    write_success(str(path), report)
+    reason, _, payload = path.read_text().partition(": ")
+    assert reason == "Succeeded"
+    # The operator's side of the contract.
+    assert FinalReport.model_validate_json(payload) == report
+
+
+def test_success_message_gates_passed_follows_the_verdicts() -> None:
+    report = final_report({"loss": 2.0}, [_verdict(), _verdict("loss", passed=False)])
+    assert report.gates_passed is False
+    assert final_report({}, []).gates_passed is True  # no gates: nothing to fail
+    assert json.loads(success_message(final_report({}, []))) == {
+        "metrics": {}, "gates": [], "gatesPassed": True,
+    }  # fmt: skip
+
+
+def test_success_message_fits_by_dropping_metrics_first(tmp_path: Path) -> None:
+    metrics = {f"metric_{i:04d}": 0.123456 for i in range(300)}  # ~7 KB of metrics
+    gates = [_verdict(passed=False)]
+    text = success_message(final_report(metrics, gates))
+    assert len(f"Succeeded: {text}".encode()) <= TERMINATION_MESSAGE_MAX_BYTES
+    report = FinalReport.model_validate_json(text)
+    assert report.metrics == {} and report.gates == gates and report.gates_passed is False
+
+    # Far too many gates: they go from the end, the decision itself always stays.
+    many = [_verdict(f"metric_{i:04d}") for i in range(200)]
+    text = success_message(final_report({}, [*many, _verdict(passed=False)]))
+    assert len(f"Succeeded: {text}".encode()) <= TERMINATION_MESSAGE_MAX_BYTES
+    report = FinalReport.model_validate_json(text)
+    assert 0 < len(report.gates) < 200 and report.gates == many[: len(report.gates)]
+    assert report.gates_passed is False
+
+    path = tmp_path / "termination-log"
+    write_success(str(path), final_report(metrics, gates))
+    data = path.read_bytes()
+    assert len(data) <= TERMINATION_MESSAGE_MAX_BYTES
+    FinalReport.model_validate_json(data.decode().removeprefix("Succeeded: "))
 
 
 def test_termination_message_redacted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

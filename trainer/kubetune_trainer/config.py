@@ -309,8 +309,10 @@ class EarlyStoppingSpec(WireModel):
         description="Validation metric to watch: loss or perplexity (causal-lm); loss, "
         "accuracy, f1 or f1_macro (sequence-classification).",
     )
-    mode: Literal["min", "max"] = Field(
-        default="min", description="min: lower is better (loss); max: higher is better."
+    mode: Literal["min", "max"] | None = Field(
+        default=None,
+        description="min: lower is better (loss, perplexity); max: higher is better (accuracy, "
+        "f1). Default: the metric's own direction; a mode that contradicts it is rejected.",
     )
     patience: int = Field(
         default=3, ge=1, le=1000, description="Evaluations without improvement before stopping."
@@ -465,6 +467,14 @@ class TrainingSpec(WireModel):
                     f"evaluation.metrics: {name!r} is not computed for task {self.task!r}; "
                     f"accepted: {', '.join(TASK_METRICS[self.task])}"
                 )
+        es = self.early_stopping
+        direction = "min" if lower_is_better(es.metric) else "max"
+        if es.mode is not None and es.mode != direction:
+            raise ValueError(
+                f"earlyStopping.mode: {es.mode!r} contradicts metric {es.metric!r} "
+                f"({'lower' if direction == 'min' else 'higher'} is better); "
+                f"accepted: {direction!r}, or leave mode unset"
+            )
         watched = VALIDATION_METRICS[self.task]
         if self.early_stopping.metric not in watched:
             raise ValueError(

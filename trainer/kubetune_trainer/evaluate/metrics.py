@@ -13,12 +13,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kubetune_trainer.config import lower_is_better
+
 # exp() overflows a float above ~709.78. A diverged run (loss inf or NaN) still needs a finite,
 # JSON-safe perplexity that compares sanely in gates, so everything at or above this cap maps to it.
 PERPLEXITY_CAP = 1e9
-
-# Metrics where a smaller value is better; every other metric is "higher is better".
-LOWER_IS_BETTER: frozenset[str] = frozenset({"loss", "perplexity", "eval_loss", "test_loss"})
 
 
 def classification_metrics(
@@ -44,15 +43,7 @@ def classification_metrics(
 
     if not label_ids:
         # scikit-learn raises on empty input; an empty split simply scores nothing.
-        return {
-            "accuracy": 0.0,
-            "f1_macro": 0.0,
-            "per_class": {
-                label: {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
-                for label in labels
-            },
-            "confusion_matrix": [[0] * n for _ in range(n)],
-        }
+        return _no_scores(labels)
 
     from sklearn.metrics import (  # slow import: only here
         accuracy_score,
@@ -85,6 +76,18 @@ def classification_metrics(
     }
 
 
+def _no_scores(labels: list[str]) -> dict[str, Any]:
+    n = len(labels)
+    return {
+        "accuracy": 0.0,
+        "f1_macro": 0.0,
+        "per_class": {
+            label: {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0} for label in labels
+        },
+        "confusion_matrix": [[0] * n for _ in range(n)],
+    }
+
+
 def perplexity(mean_loss: float) -> float:
     """exp(mean token cross-entropy), capped at PERPLEXITY_CAP (1e9).
 
@@ -110,11 +113,6 @@ def bleu(hypotheses: list[str], references: list[str]) -> float:
 
     score = float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
     return score if math.isfinite(score) else 0.0
-
-
-def lower_is_better(metric: str) -> bool:
-    """Direction of a metric: True for loss and perplexity (and any `*_loss`)."""
-    return metric in LOWER_IS_BETTER or metric.endswith("_loss")
 
 
 def compare(base: Mapping[str, float], tuned: Mapping[str, float]) -> dict[str, dict[str, float]]:

@@ -14,8 +14,8 @@ tokenizer, loadable offline (``HF_HUB_OFFLINE=1``) with ``AutoModel*.from_pretra
     float32 ``LlamaForCausalLM`` (safetensors) plus its tokenizer and chat template.
 ``tiny-llama``
     A tiny randomly initialised Llama (2 layers, hidden 64) with a byte-level BPE tokenizer
-    trained on a small embedded corpus; built deterministically in a few seconds. Meant for
-    fast tests of the causal-LM pipeline.
+    trained on a small packaged corpus; built deterministically in a few seconds. Meant for
+    fast tests of the causal-LM pipeline (see :mod:`kubetune_trainer.models.tiny`).
 
 Anything built lands in ``<cache>/models/<name>-<version-tag>/`` where ``<cache>`` is
 ``$KUBETUNE_CACHE`` or ``~/.cache/kubetune``. Builds are safe under concurrency (e.g. every
@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from kubetune_trainer.models import tiny
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -151,7 +153,7 @@ def resolve_builtin(name: str, cache: Path | None = None) -> Path:
         return _resolve_minilm(target)
     if name == "smollm2":
         return _ensure_built(target, _build_smollm2, prerequisites=_check_smollm2_packages)
-    return _ensure_built(target, _build_tiny_llama)
+    return _ensure_built(target, tiny.build_tiny_llama)
 
 
 # --------------------------------------------------------------------------- cache machinery
@@ -405,203 +407,3 @@ def _build_smollm2(out: Path) -> dict[str, Any]:
     if not torch.allclose(got, expected_logits, atol=1e-5, rtol=1e-5):
         raise RuntimeError("smollm2 conversion: the saved model does not reproduce the logits")
     return {"source": str(gguf_path), "package": BUILTIN_MODELS["smollm2"].package}
-
-
-# ----------------------------------------------------------------------------- tiny-llama
-
-TINY_VOCAB_SIZE = 2048
-TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
-
-# ChatML. The assistant's content and its closing <|im_end|> (what the model must learn to
-# generate, including when to stop) sit inside {% generation %} so that
-# apply_chat_template(..., return_assistant_tokens_mask=True) marks exactly those tokens.
-TINY_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{% generation %}{{- message['content'] + '<|im_end|>' -}}{% endgeneration %}"
-    "{{- '\\n' -}}"
-    "{%- else -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
-
-_TINY_CORPUS = """\
-My router keeps dropping the connection every few minutes. Have you tried restarting it? \
-Unplug the power cable, wait thirty seconds, and plug it back in. When the lights stop blinking, \
-check whether your laptop can reach the internet again.
-The printer says it is offline, but it is turned on and connected to the same Wi-Fi network. \
-Open the printer settings, remove the device, and add it again. If that does not help, print a \
-network configuration page and compare its IP address with the one your computer expects.
-I forgot my password and the reset email never arrived. Please check your spam folder first. \
-If the message is not there, confirm that the address on your account is spelled correctly, \
-then request a new link. Reset links expire after 24 hours.
-How do I update the firmware on my phone? Go to Settings, then System, then Software Update. \
-Make sure the battery is charged above 50% and that you are on a stable connection before you \
-start; the update can take up to 20 minutes.
-My order #48213 arrived damaged. I'm sorry to hear that! Could you send a photo of the box and \
-the item? We will ship a replacement today, or refund the full amount if you prefer.
-The application crashes when I open a large spreadsheet. Which version are you running? Version \
-3.2.1 fixed a memory leak that caused exactly this problem, so please install the latest release \
-and try again. Clearing the cache can also help.
-Can I change my delivery address after placing an order? Yes, as long as the order has not \
-shipped. Open "My orders", choose the order, and select "Edit address". You will receive a \
-confirmation by email within a few minutes.
-The sun rose slowly over the quiet valley. Mist clung to the river, and the first birds began \
-to sing in the old oak trees. A farmer walked along the path with his dog, carrying a basket \
-of fresh bread and cheese for the long day ahead.
-Once upon a time, a curious fox lived at the edge of a great forest. Every morning she visited \
-the stream to drink and to watch the fish jump. One day she found a small wooden boat tied to \
-a root, and she wondered where it had come from.
-Water boils at 100 degrees Celsius at sea level, but at higher altitudes it boils at a lower \
-temperature because the air pressure is lower. This is why cooking pasta in the mountains \
-takes a little longer than it does at the beach.
-The human heart beats about 100,000 times a day. It pumps blood through a network of arteries, \
-veins and capillaries that, laid end to end, would stretch for tens of thousands of kilometres.
-Photosynthesis lets plants turn light, water and carbon dioxide into sugar and oxygen. Almost \
-every living thing on Earth depends, directly or indirectly, on this process.
-To make a simple tomato sauce, warm olive oil in a pan, add a chopped onion and two cloves of \
-garlic, and cook until soft. Add a can of tomatoes, a pinch of salt and some basil, then let \
-it simmer for twenty minutes while you boil the pasta.
-Kubernetes schedules containers onto nodes. A pod is the smallest unit it manages; a deployment \
-keeps the desired number of pods running and replaces them when they fail. Jobs run pods to \
-completion, which suits training runs that must finish and report a result.
-def add(a, b):
-    return a + b
-
-for i in range(10):
-    print(i, add(i, i * 2))
-The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! How \
-vexingly quick daft zebras jump. Sphinx of black quartz, judge my vow.
-Thank you for contacting support. Is there anything else I can help you with today? Have a \
-great day, and don't hesitate to reach out again if the problem comes back.
-Question: What is the capital of France? Answer: Paris. Question: How many days are in a leap \
-year? Answer: 366. Question: Which planet is known as the red planet? Answer: Mars.
-Learning a new language takes patience. Read a little every day, listen to native speakers, \
-and don't be afraid of making mistakes: they are part of how everyone learns.
-The meeting has been moved to Thursday at 3:30 pm. Please bring the quarterly report, the \
-updated budget, and any questions you have about the new project timeline.
-Why is my battery draining so fast? Apps running in the background, a bright screen and a weak \
-mobile signal all use more power. Lower the brightness, close apps you are not using, and turn \
-on battery saver mode when you are below 20%.
-The bill shows a charge I don't recognise. Let me look into that for you. The charge of $12.99 \
-is the monthly subscription that renewed on the 3rd; if you did not mean to renew, I can cancel \
-it and issue a refund.
-Rain fell softly on the roof all night. In the morning the streets shone, the air smelled of \
-wet earth, and children in bright boots splashed through every puddle on their way to school.
-I can't connect my headphones over Bluetooth. Turn Bluetooth off and on again, then hold the \
-pairing button on the headphones until the light flashes blue. Forget the old pairing on your \
-phone and select the headphones from the list of new devices.
-Good software is tested, documented and easy to change. Small functions with clear names, \
-honest error messages and a few well-chosen tests save far more time than they cost.
-My smart thermostat shows the wrong temperature. Check that it is not mounted near a window, a \
-lamp or a heating vent, then calibrate it from the advanced menu. A reading that is off by more \
-than two degrees after calibration usually means the sensor needs to be replaced.
-Where is my parcel? The tracking number shows it left our warehouse on Monday and reached the \
-local depot yesterday evening. Couriers normally deliver the next working day, so expect it \
-before 6 pm tomorrow. You can also choose a pickup point near your home.
-The video call freezes whenever someone shares their screen. Shared screens need much more \
-bandwidth than faces do. Close downloads and streaming tabs, move closer to the access point, \
-or use an Ethernet cable; lowering the shared window's resolution also helps.
-Astronomers measure distances to nearby stars by parallax: as the Earth orbits the Sun, a close \
-star seems to shift slightly against far-away galaxies. Knowing the size of our orbit, simple \
-geometry turns that tiny angle into a distance in light-years.
-History remembers the printing press as one of the great inventions. Books became cheaper, ideas \
-travelled faster across Europe, and ordinary people, merchants, students and craftsmen, began \
-reading pamphlets, newspapers, almanacs and maps in their own languages.
-Bees communicate through a waggle dance. The angle of the dance tells other workers which \
-direction to fly relative to the sun, and its length tells them how far away the flowers are. \
-Honey, wax and pollination all depend on this remarkable teamwork.
-Exercise regularly, drink enough water, and try to sleep seven or eight hours each night. Even \
-a brisk twenty-minute walk improves mood, strengthens muscles and lowers blood pressure.
-"Where are you going?" asked the old woman. "To the harbour," replied the boy, "to watch the \
-ships come in." She smiled, handed him an apple, and told him stories about sailors, storms, \
-lighthouses and distant islands where parrots squawked among palm trees.
-Our refund policy is simple: unused items can be returned within 30 days for a full refund. \
-Opened software, gift cards and personalised products cannot be returned. Refunds reach your \
-bank account within five to seven business days after we receive the parcel.
-Error 404 means the page could not be found; error 500 means the server failed unexpectedly; \
-error 403 means you are not allowed to see the page. Timeouts often point to a slow network, \
-an overloaded server, a misconfigured proxy or a firewall that silently drops packets.
-Two-factor authentication protects your account even if someone learns your password. After \
-signing in, you confirm with a code from an authenticator app or a hardware key. Keep backup \
-codes somewhere safe, such as a locked drawer or an encrypted password manager.
-Mathematics is full of surprising patterns: 1 + 2 + 3 + ... + n equals n(n + 1) / 2, prime \
-numbers never run out, and the ratio of consecutive Fibonacci numbers approaches the golden \
-ratio, roughly 1.618. Geometry, algebra and probability each reveal different symmetries.
-The volunteers planted three hundred trees along the riverbank last weekend. Maple, birch, \
-willow and cherry saplings should grow quickly, shading the water, sheltering wildlife and \
-holding the soil together during spring floods.
-Fine-tuning adapts a pretrained language model to a narrower task using a smaller dataset. \
-Checkpoints let a job resume after a node failure; evaluation metrics such as loss, accuracy, \
-perplexity and BLEU show whether the model actually improved.
-"""
-
-
-def _train_tiny_tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB_SIZE,
-        min_frequency=1,
-        special_tokens=list(TINY_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    lines = _TINY_CORPUS.splitlines(keepends=True)
-    tok.train_from_iterator(lines, trainer=trainer)
-    eot, pad, _, im_end = TINY_SPECIAL_TOKENS
-    fast_tokenizer_cls: Any = PreTrainedTokenizerFast
-    return fast_tokenizer_cls(
-        tokenizer_object=tok,
-        bos_token=eot,
-        eos_token=eot,
-        unk_token=None,
-        pad_token=pad,
-        additional_special_tokens=[TINY_SPECIAL_TOKENS[2], im_end],
-        chat_template=TINY_CHAT_TEMPLATE,
-        model_max_length=512,
-        padding_side="right",
-        clean_up_tokenization_spaces=False,
-    )
-
-
-def _build_tiny_llama(out: Path) -> dict[str, Any]:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = _train_tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    config.dtype = torch.float32
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    # Stop generating at the end of an assistant turn as well as at end of text.
-    model.generation_config.eos_token_id = [
-        tokenizer.eos_token_id,
-        tokenizer.convert_tokens_to_ids(TINY_SPECIAL_TOKENS[3]),
-    ]
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    return {"vocab_size": len(tokenizer)}

@@ -1,25 +1,24 @@
 """The Kubernetes termination message: one line `"<reason>: <message>"` the operator reads from
-the pod status; on success the final metrics as compact JSON."""
+the pod status; on success `Succeeded: ` and the FinalReport (metrics and gate verdicts) as
+compact JSON, which the operator parses with `FinalReport.model_validate_json`."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-if TYPE_CHECKING:
-    pass
-
+from kubetune_trainer.config import FinalReport, GateVerdict
 from kubetune_trainer.telemetry.secrets import redact_secrets
 
 log = logging.getLogger(__name__)
 
 # Kubernetes keeps at most this many bytes of the termination message file.
 TERMINATION_MESSAGE_MAX_BYTES = 4096
+SUCCESS_REASON = "Succeeded"
 
 
 def _one_line(text: str) -> str:
@@ -61,24 +60,51 @@ def write_termination_message(path: str, reason: str, message: str) -> None:
         log.debug("could not write termination log %s: %s", path, exc)
 
 
-def success_message(metrics: Mapping[str, Any]) -> str:
-    """Final metrics as compact JSON for the Succeeded message, e.g. {"accuracy":0.93,...}.
+def report_metrics(metrics: Mapping[str, Any]) -> dict[str, float | None]:
+    """The top-level numbers of an evaluation, as FinalReport carries them.
 
-    Only top-level numbers are kept (per_class and the confusion matrix stay in eval.json) so
-    the line fits the 4096-byte limit; non-finite values become null.
+    per_class and the confusion matrix stay in eval.json, so the line fits the 4096-byte limit;
+    non-finite values become null (JSON has no NaN).
     """
-    flat: dict[str, float | int | None] = {}
+    flat: dict[str, float | None] = {}
     for key in sorted(metrics):
         value = metrics[key]
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        if isinstance(value, float):
-            flat[key] = round(value, 6) if math.isfinite(value) else None
-        else:
-            flat[key] = value
-    return json.dumps(flat, separators=(",", ":"), sort_keys=True)
+        flat[key] = round(float(value), 6) if math.isfinite(value) else None
+    return flat
 
 
-def write_success(path: str, metrics: Mapping[str, Any]) -> None:
-    """The termination message for a successful run: `Succeeded: {...final metrics...}`."""
-    write_termination_message(path, "Succeeded", success_message(metrics))
+def final_report(metrics: Mapping[str, Any], gates: Sequence[GateVerdict]) -> FinalReport:
+    """Rank 0's result for the operator: the tuned metrics and the gates as the trainer decided
+    them (the operator never recomputes a gate)."""
+    return FinalReport(
+        metrics=report_metrics(metrics),
+        gates=list(gates),
+        gates_passed=all(g.passed for g in gates),
+    )
+
+
+def success_message(report: FinalReport) -> str:
+    """The FinalReport as compact camelCase JSON that fits the termination message.
+
+    When it would not fit, metrics go first (they are in eval.json too), then gates from the
+    end; `gatesPassed`, the decision itself, always stays.
+    """
+    budget = TERMINATION_MESSAGE_MAX_BYTES - len(f"{SUCCESS_REASON}: ".encode())
+    text = report.model_dump_json(by_alias=True)
+    if len(text.encode()) <= budget:
+        return text
+    log.warning("final report too long for the termination message; metrics left out")
+    report = report.model_copy(update={"metrics": {}})
+    gates = list(report.gates)
+    while True:
+        text = report.model_copy(update={"gates": gates}).model_dump_json(by_alias=True)
+        if len(text.encode()) <= budget or not gates:
+            return text
+        gates.pop()
+
+
+def write_success(path: str, report: FinalReport) -> None:
+    """The termination message for a successful run: `Succeeded: {FinalReport JSON}`."""
+    write_termination_message(path, SUCCESS_REASON, success_message(report))

@@ -28,6 +28,7 @@ from kubetune_trainer.evaluate.metrics import classification_metrics, perplexity
 from kubetune_trainer.models.builtin import cache_dir
 from kubetune_trainer.tokenization import Collator
 from kubetune_trainer.train.checkpoint import CheckpointManager
+from kubetune_trainer.train.early_stopping import EarlyStopping
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +72,7 @@ def init_distributed() -> DistEnv:
         # (~35 s and 1.5 GB, and a stale build lock hangs the next run); gloo suffices here.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not deepspeed.comm.is_initialized():
-        backend = "nccl" if use_cuda else "gloo"
-        if alone:
-            # A world of one rendezvouses through a file: a "free" TCP port picked here could be
-            # taken by the time the store binds it (seen with many trainers starting at once).
-            init_dir = tempfile.mkdtemp(prefix="kubetune-pg-")
-            atexit.register(shutil.rmtree, init_dir, ignore_errors=True)
-            init = Path(init_dir) / "store"
-            deepspeed.init_distributed(
-                dist_backend=backend,
-                init_method=f"file://{init}",
-                auto_mpi_discovery=False,
-                rank=0,
-                world_size=1,
-                verbose=False,
-            )
-        else:
-            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        _join_process_group("nccl" if use_cuda else "gloo", alone=alone)
     env = DistEnv(
         rank=int(os.environ["RANK"]),
         world_size=int(os.environ["WORLD_SIZE"]),
@@ -97,6 +82,27 @@ def init_distributed() -> DistEnv:
     if use_cuda:
         torch.cuda.set_device(env.local_rank)
     return env
+
+
+def _join_process_group(backend: str, *, alone: bool) -> None:
+    import deepspeed
+
+    if not alone:
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        return
+    # A world of one rendezvouses through a file: a "free" TCP port picked here could be
+    # taken by the time the store binds it (seen with many trainers starting at once).
+    init_dir = tempfile.mkdtemp(prefix="kubetune-pg-")
+    atexit.register(shutil.rmtree, init_dir, ignore_errors=True)
+    init = Path(init_dir) / "store"
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        init_method=f"file://{init}",
+        auto_mpi_discovery=False,
+        rank=0,
+        world_size=1,
+        verbose=False,
+    )
 
 
 def precision_of(cfg: TrainerConfig, env: DistEnv) -> str:
@@ -257,13 +263,210 @@ class _Batches:
             yield self.collator([self.feats[i] for i in order[start : start + self.bs]])
 
 
-def _improved(cfg: TrainerConfig, value: float, best: float | None) -> bool:
-    es = cfg.early_stopping
-    if best is None:
-        return True
-    if es.mode == "min":
-        return value < best - es.min_delta
-    return value > best + es.min_delta
+class _Loop:
+    """One call of `train`: the engine, the data order and the state, with one short method per
+    concern (resume, step, validate, checkpoint). Setup order is fixed: it consumes the seeded
+    RNGs, and a resumed run must see the same initial weights and batches."""
+
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        model: Any,
+        train_feats: list[dict[str, Any]],
+        val_feats: list[dict[str, Any]],
+        *,
+        pad_id: int,
+        labels: list[str] | None,
+        env: DistEnv,
+        checkpoints: CheckpointManager,
+        hooks: TrainHooks,
+    ) -> None:
+        import torch
+
+        self.cfg, self.hp, self.env = cfg, cfg.hyperparameters, env
+        self.val_feats, self.labels = val_feats, labels
+        self.checkpoints, self.hooks = checkpoints, hooks
+        random.seed(self.hp.seed)
+        torch.manual_seed(self.hp.seed)
+        self.per_epoch, self.total_steps = plan_steps(cfg, len(train_feats), env.world_size)
+        self.engine = self._engine(model)
+        self.device = self.engine.device
+        self.collator = Collator(pad_id, cfg.task)
+        self.batches = self._batches(train_feats)
+        self.state = TrainState()
+        self.eval_every = cfg.evaluation.every_steps or self.per_epoch
+        self.early_stopping: EarlyStopping | None = None
+        self.stopped_early = self.interrupted = False
+        self.last_saved = 0
+        self.micro_losses: list[float] = []
+        self.step_tokens = 0
+        self.step_started = time.monotonic()
+
+    def _engine(self, model: Any) -> Any:
+        import deepspeed
+        import torch
+        from transformers import get_scheduler
+
+        hp, total = self.hp, self.total_steps
+        warmup = hp.warmup_steps if hp.warmup_steps is not None else int(total * hp.warmup_ratio)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        scheduler = get_scheduler(
+            hp.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total
+        )
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(self.cfg, self.env),
+        )
+        return engine
+
+    def _batches(self, train_feats: list[dict[str, Any]]) -> _Batches:
+        from torch.utils.data import DistributedSampler
+
+        sampler: DistributedSampler[int] = DistributedSampler(
+            range(len(train_feats)),  # type: ignore[arg-type]
+            num_replicas=self.env.world_size,
+            rank=self.env.rank,
+            shuffle=True,
+            seed=self.hp.seed,
+            drop_last=True,
+        )
+        return _Batches(sampler, train_feats, self.hp.per_device_batch_size, self.collator)
+
+    def resume(self) -> None:
+        resume = self.cfg.checkpointing.resume
+        if resume != "never":
+            restored = self.checkpoints.restore(self.engine)
+            if restored is not None:
+                self.state = TrainState.from_json(restored)
+                if self.hooks.on_resume:
+                    self.hooks.on_resume(self.state.step, len(self.state.resumed_steps))
+            elif resume == "required":
+                raise RuntimeError(
+                    "checkpointing.resume is 'required' but the store has no checkpoint"
+                )
+        self.last_saved = self.state.step
+        if self.cfg.early_stopping.enabled:
+            self.early_stopping = EarlyStopping.from_spec(
+                self.cfg.early_stopping,
+                best=self.state.best_metric,
+                evals_without_improvement=self.state.evals_without_improvement,
+            )
+
+    def run(self) -> TrainResult:
+        self.resume()
+        self.step_started = time.monotonic()
+        self.engine.train()
+        epoch = self.state.epoch
+        while self.state.step < self.total_steps and not self._run_epoch(epoch):
+            epoch += 1
+            self.state.batch_in_epoch = 0
+            self.state.epoch = epoch
+        if self.state.step != self.last_saved:
+            self._save()
+        self.checkpoints.wait()
+        if self.stopped_early:
+            log.info(
+                "early stopping at step %d (%s did not improve)",
+                self.state.step,
+                self.cfg.early_stopping.metric,
+            )
+        return TrainResult(
+            self.state, self.total_steps, self.stopped_early, self.interrupted, self.engine
+        )
+
+    def _run_epoch(self, epoch: int) -> bool:
+        """Train through one epoch (the rest of it, when resumed); True when training is done."""
+        state = self.state
+        skip = state.batch_in_epoch * self.hp.gradient_accumulation_steps
+        for batch in self.batches.epoch(epoch, skip if epoch == state.epoch else 0):
+            if not self._micro_step(batch):
+                continue
+            self._end_step(epoch)
+            if self.stopped_early or self.interrupted or state.step >= self.total_steps:
+                return True
+        return False
+
+    def _micro_step(self, batch: dict[str, Any]) -> bool:
+        """Forward and backward on one micro-batch; True when it completed an optimizer step."""
+        engine, world = self.engine, self.env.world_size
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        boundary = bool(engine.is_gradient_accumulation_boundary())
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        self.micro_losses.append(float(loss.detach()))
+        self.step_tokens += int(batch["attention_mask"].sum()) * world
+        self.state.positions_seen += batch["input_ids"].numel() * world
+        return boundary
+
+    def _end_step(self, epoch: int) -> None:
+        state = self.state
+        state.step += 1
+        state.batch_in_epoch += 1
+        state.epoch = epoch
+        self._record_step(epoch)
+        if self.val_feats and (state.step % self.eval_every == 0 or state.step == self.total_steps):
+            self._after_validation(self._validate())
+        if state.step % self.cfg.checkpointing.every_steps == 0:
+            self._save()
+        self.step_started = time.monotonic()  # step time excludes validation and checkpoints
+        if self.hooks.interrupted():
+            self.interrupted = True
+
+    def _record_step(self, epoch: int) -> None:
+        state = self.state
+        elapsed = time.monotonic() - self.step_started
+        step_loss = sum(self.micro_losses) / len(self.micro_losses)
+        state.tokens_seen += self.step_tokens
+        state.step_seconds += elapsed
+        if self.hooks.on_step:
+            frac_epoch = epoch + state.batch_in_epoch / self.per_epoch
+            self.hooks.on_step(
+                state.step, self.total_steps, frac_epoch, step_loss, elapsed, self.step_tokens
+            )
+        state.history.append({"step": state.step, "loss": round(step_loss, 5)})
+        self.micro_losses, self.step_tokens = [], 0
+
+    def _validate(self) -> dict[str, float]:
+        engine, cfg = self.engine, self.cfg
+        engine.eval()
+        loss, preds = loss_and_predictions(
+            lambda b: engine(**b),
+            self.val_feats,
+            self.collator,
+            batch_size=self.hp.per_device_batch_size,
+            task=cfg.task,
+            device=self.device,
+        )
+        engine.train()
+        metrics = {"loss": loss}
+        if cfg.task == "causal-lm":
+            metrics["perplexity"] = perplexity(loss)
+        elif self.labels is not None:
+            gold = [int(f["label"]) for f in self.val_feats]
+            cls = classification_metrics(preds, gold, self.labels)
+            metrics["accuracy"], metrics["f1"] = cls["accuracy"], cls["f1_macro"]
+        return metrics
+
+    def _after_validation(self, metrics: dict[str, float]) -> None:
+        state = self.state
+        if self.hooks.on_eval:
+            self.hooks.on_eval(state.step, metrics)
+        state.history.append({"step": state.step, "validation": metrics})
+        es = self.early_stopping
+        if es is not None:
+            self.stopped_early = es.observe(metrics)
+            state.best_metric, state.evals_without_improvement = (
+                es.best,
+                es.evals_without_improvement,
+            )
+
+    def _save(self) -> None:
+        self.checkpoints.save(self.engine, self.state.step, self.state.to_json())
+        self.last_saved = self.state.step
 
 
 def train(
@@ -278,144 +481,19 @@ def train(
     checkpoints: CheckpointManager,
     hooks: TrainHooks,
 ) -> TrainResult:
-    import deepspeed
-    import torch
-    from torch.utils.data import DistributedSampler
-    from transformers import get_scheduler
-
-    hp = cfg.hyperparameters
-    random.seed(hp.seed)
-    torch.manual_seed(hp.seed)
-    per_epoch, total_steps = plan_steps(cfg, len(train_feats), env.world_size)
-    warmup = hp.warmup_steps if hp.warmup_steps is not None else int(total_steps * hp.warmup_ratio)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-    scheduler = get_scheduler(
-        hp.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    """Train to the planned step count, early stop or SIGTERM; always ends on a checkpoint."""
+    loop = _Loop(
+        cfg,
+        model,
+        train_feats,
+        val_feats,
+        pad_id=pad_id,
+        labels=labels,
+        env=env,
+        checkpoints=checkpoints,
+        hooks=hooks,
     )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, env),
-    )
-    device = engine.device
-    collator = Collator(pad_id, cfg.task)
-    sampler: DistributedSampler[int] = DistributedSampler(
-        range(len(train_feats)),  # type: ignore[arg-type]
-        num_replicas=env.world_size,
-        rank=env.rank,
-        shuffle=True,
-        seed=hp.seed,
-        drop_last=True,
-    )
-    batches = _Batches(sampler, train_feats, hp.per_device_batch_size, collator)
-
-    state = TrainState()
-    if cfg.checkpointing.resume != "never":
-        restored = checkpoints.restore(engine)
-        if restored is not None:
-            state = TrainState.from_json(restored)
-            if hooks.on_resume:
-                hooks.on_resume(state.step, len(state.resumed_steps))
-        elif cfg.checkpointing.resume == "required":
-            raise RuntimeError("checkpointing.resume is 'required' but the store has no checkpoint")
-    eval_every = cfg.evaluation.every_steps or per_epoch
-    es = cfg.early_stopping
-    stopped_early = interrupted = False
-    last_saved = state.step
-    step_started = time.monotonic()
-    micro_losses: list[float] = []
-    step_tokens = 0
-
-    def validate() -> dict[str, float]:
-        engine.eval()
-        loss, preds = loss_and_predictions(
-            lambda b: engine(**b),
-            val_feats,
-            collator,
-            batch_size=hp.per_device_batch_size,
-            task=cfg.task,
-            device=device,
-        )
-        engine.train()
-        metrics = {"loss": loss}
-        if cfg.task == "causal-lm":
-            metrics["perplexity"] = perplexity(loss)
-        elif labels is not None:
-            cls = classification_metrics(preds, [int(f["label"]) for f in val_feats], labels)
-            metrics["accuracy"], metrics["f1"] = cls["accuracy"], cls["f1_macro"]
-        return metrics
-
-    def save() -> None:
-        nonlocal last_saved
-        checkpoints.save(engine, state.step, state.to_json())
-        last_saved = state.step
-
-    engine.train()
-    done = state.step >= total_steps
-    epoch = state.epoch
-    while not done:
-        skip = state.batch_in_epoch * hp.gradient_accumulation_steps if epoch == state.epoch else 0
-        for batch in batches.epoch(epoch, skip):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            boundary = engine.is_gradient_accumulation_boundary()
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            micro_losses.append(float(loss.detach()))
-            step_tokens += int(batch["attention_mask"].sum()) * env.world_size
-            state.positions_seen += batch["input_ids"].numel() * env.world_size
-            if not boundary:
-                continue
-            state.step += 1
-            state.batch_in_epoch += 1
-            state.epoch = epoch
-            elapsed = time.monotonic() - step_started
-            step_loss = sum(micro_losses) / len(micro_losses)
-            state.tokens_seen += step_tokens
-            state.step_seconds += elapsed
-            if hooks.on_step:
-                frac_epoch = epoch + state.batch_in_epoch / per_epoch
-                hooks.on_step(state.step, total_steps, frac_epoch, step_loss, elapsed, step_tokens)
-            state.history.append({"step": state.step, "loss": round(step_loss, 5)})
-            micro_losses, step_tokens = [], 0
-
-            if val_feats and (state.step % eval_every == 0 or state.step == total_steps):
-                metrics = validate()
-                if hooks.on_eval:
-                    hooks.on_eval(state.step, metrics)
-                state.history.append({"step": state.step, "validation": metrics})
-                if es.enabled:
-                    watched = metrics.get("f1" if es.metric == "f1_macro" else es.metric)
-                    if watched is None:
-                        raise ValueError(
-                            f"earlyStopping.metric {es.metric!r} is not computed for this task; "
-                            f"accepted: {', '.join(sorted(metrics))}"
-                        )
-                    if _improved(cfg, watched, state.best_metric):
-                        state.best_metric, state.evals_without_improvement = watched, 0
-                    else:
-                        state.evals_without_improvement += 1
-                        stopped_early = state.evals_without_improvement >= es.patience
-            if state.step % cfg.checkpointing.every_steps == 0:
-                save()
-            step_started = time.monotonic()  # step time excludes validation and checkpoints
-            if hooks.interrupted():
-                interrupted = True
-            if stopped_early or interrupted or state.step >= total_steps:
-                done = True
-                break
-        else:
-            epoch += 1
-            state.batch_in_epoch = 0
-            state.epoch = epoch
-    if state.step != last_saved:
-        save()
-    checkpoints.wait()
-    if stopped_early:
-        log.info("early stopping at step %d (%s did not improve)", state.step, es.metric)
-    return TrainResult(state, total_steps, stopped_early, interrupted, engine)
+    return loop.run()
 
 
 def gathered(engine: Any) -> contextlib.AbstractContextManager[Any]:
