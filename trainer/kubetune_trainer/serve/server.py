@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="name clients use in 'model' (default: directory name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
+    _add_limit_args(p)
+    _add_lifecycle_args(p)
+    return p
+
+
+def _add_limit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-concurrency",
         type=_positive_int,
@@ -95,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=2.0,
         help="how long a classification batch waits to fill (default 2 ms)",
     )
+
+
+def _add_lifecycle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shutdown-delay",
         type=_non_negative,
@@ -120,7 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     p.add_argument("--load-delay", type=_non_negative, default=0.0, help=argparse.SUPPRESS)
-    return p
 
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
