@@ -58,13 +58,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "operator"), str(ROOT / "trainer")]
 
 from kubetune_operator.api.models import API_VERSION, KIND, PLURAL  # noqa: E402
 from kubetune_operator.api.validation import validate_document  # noqa: E402
-from kubetune_operator.builders.pods import (  # noqa: E402
-    APP,
-    APP_LABEL,
-    ROLE_LABEL,
-    build_rank_pods,
-    pod_name,
-)
+from kubetune_operator.builders.common import APP, APP_LABEL, ROLE_LABEL, pod_name  # noqa: E402
+from kubetune_operator.builders.pods import build_rank_pods  # noqa: E402
 from kubetune_operator.handlers.jobs import TIMER_INTERVAL  # noqa: E402
 from tests.cluster.controlplane import ControlPlane, free_port, wait_for  # noqa: E402
 

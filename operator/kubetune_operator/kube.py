@@ -178,10 +178,16 @@ def delete_by_label(kind: str, namespace: str, selector: str, grace: int | None 
     return count
 
 
-def patch(kind: str, namespace: str, name: str, body: Obj) -> Obj:
-    result: Obj = request(
-        "PATCH", object_path(kind, namespace, name), body=body, content_type=MERGE
-    )
+def patch(kind: str, namespace: str, name: str, body: Obj, *, missing_ok: bool = False) -> Obj:
+    """Merge patch; with missing_ok an object that does not exist is left alone ({})."""
+    try:
+        result: Obj = request(
+            "PATCH", object_path(kind, namespace, name), body=body, content_type=MERGE
+        )
+    except ApiError as err:
+        if err.status == 404 and missing_ok:
+            return {}
+        raise
     return result
 
 

@@ -27,7 +27,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
     )
     settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
-    # Events come from the controller itself (kube.emit_event); kopf posts only warnings.
+    # Events come from the reconcile plan (posted by kube.emit_event); kopf posts only warnings.
     settings.posting.enabled = True
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = "kubetune-operator"

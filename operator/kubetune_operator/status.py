@@ -1,7 +1,7 @@
-"""Pure status logic: conditions, phase transitions, failure classification, gates, progress.
+"""Pure status logic: conditions, failure classification, restarts, gate reports, progress.
 
-No kopf, no Kubernetes client: handlers feed in plain dicts (pods, metrics text) and apply the
-decisions returned here.
+No kopf, no Kubernetes client: the reconcile plan feeds in plain dicts (pods, metrics text) and
+turns what these return into status, events and actions.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from kubetune_operator.api.models import (
     FineTuneJobStatus,
     Progress,
 )
-from kubetune_trainer.config import EvaluationSpec, check_gates, primary_metric
+from kubetune_trainer.config import FinalReport, GateVerdict, primary_metric
+from kubetune_trainer.errors import EXIT_REASONS, PERMANENT_EXIT_CODES, PERMANENT_REASONS
 
 Obj = dict[str, Any]
 
@@ -39,20 +40,9 @@ CANCELLED = "Cancelled"
 FAILED = "Failed"
 SPEC_CHANGE_REFUSED = "SpecChangeRefused"
 
-# Mirrors kubetune_trainer.telemetry (EXIT_CODES, PERMANENT_REASONS, RETRYABLE_EXIT_CODES);
-# duplicated because the operator imports only the trainer's config models.
-PERMANENT_REASONS = frozenset({"InvalidSpec", "InvalidData"})
-PERMANENT_EXIT_CODES = frozenset({2, 3})
-RETRYABLE_EXIT_CODES = frozenset({4, 5, 137, 143})
-EXIT_REASONS = {
-    1: "Error",
-    2: "InvalidSpec",
-    3: "InvalidData",
-    4: "OutOfMemory",
-    5: "StorageUnavailable",
-    137: "Killed",
-    143: "Interrupted",
-}
+# A rank killed by SIGKILL (the kernel's OOM killer, the kubelet): the kernel's code, not one the
+# trainer chooses, so it is not in the trainer's table.
+SIGKILL_EXIT_CODE = 128 + 9
 # Pod-level reasons (kubelet, eviction, node lifecycle) that say nothing about the job itself.
 RETRYABLE_POD_REASONS = frozenset(
     {
@@ -220,6 +210,24 @@ def merge_patch(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str
     return patch
 
 
+def _exit_reason(exit_code: int | None) -> str | None:
+    """The reason an exit code stands for (kubetune_trainer.errors), for a failed rank."""
+    if exit_code == SIGKILL_EXIT_CODE:
+        return "Killed"
+    if not exit_code:  # 0 is "Succeeded": never the reason of a failure
+        return None
+    return EXIT_REASONS.get(exit_code)
+
+
+def terminated_message(pod: Mapping[str, Any]) -> str | None:
+    """The termination message of a pod's (first) terminated container, or None."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated")
+        if term:
+            return str(term.get("message") or "")
+    return None
+
+
 def classify_failure(pod: Mapping[str, Any]) -> Failure | None:
     """The failure of a rank pod, or None when it has not failed (running or succeeded).
 
@@ -245,14 +253,14 @@ def classify_failure(pod: Mapping[str, Any]) -> Failure | None:
     said, text = parse_termination_message(term.get("message"))
     kube_reason = str(term.get("reason") or "")
     if said in PERMANENT_REASONS or exit_code in PERMANENT_EXIT_CODES:
-        reason = said or EXIT_REASONS.get(exit_code or 0, "Error")
+        reason = said or _exit_reason(exit_code) or "Error"
         return Failure(name, node, exit_code, reason, _tail(text), False)
     if kube_reason == "OOMKilled":
         reason = "OOMKilled"
     elif said and said != "Succeeded":
         reason = said
-    elif exit_code in EXIT_REASONS:
-        reason = EXIT_REASONS[exit_code]
+    elif (known := _exit_reason(exit_code)) is not None:
+        reason = known
     elif status.get("reason") in RETRYABLE_POD_REASONS:
         reason = str(status["reason"])
     else:
@@ -376,29 +384,25 @@ def decide_restart(
 
 @dataclass
 class GateDecision:
+    """What the conditions say about the trainer's gate verdicts."""
+
     passed: bool
-    results: list[Obj]
+    verdicts: list[GateVerdict]
     message: str
     summary: str
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def parse_success_message(message: str | None) -> dict[str, float] | None:
-    """Final metrics from rank 0's `Succeeded: {json}` termination message."""
+def parse_final_report(message: str | None) -> FinalReport | None:
+    """Rank 0's `Succeeded: {FinalReport JSON}` termination message; None when it is missing or
+    does not parse (the results are then missing)."""
     text = (message or "").strip()
     if not text.startswith(SUCCESS_PREFIX):
         return None
     try:
-        data = json.loads(text[len(SUCCESS_PREFIX) :])
-    except ValueError:
+        return FinalReport.model_validate_json(text[len(SUCCESS_PREFIX) :])
+    except ValueError:  # pydantic's ValidationError is a ValueError
         return None
-    if not isinstance(data, dict):
-        return None
-    return {
-        str(k): float(v)
-        for k, v in data.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
-    }
 
 
 def _fmt(value: Any) -> str:
@@ -407,44 +411,27 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else str(value)
 
 
-def decide_gates(spec: EvaluationSpec, task: str, final: Mapping[str, float]) -> GateDecision:
-    """Gate decision from the final metrics; the message lists each metric vs its threshold.
+def _verdict_text(v: GateVerdict) -> str:
+    verdict = "pass" if v.passed else "FAIL"
+    if v.must_beat_base:
+        return f"mustBeatBase on {v.metric}={_fmt(v.actual)} {verdict}"
+    return f"{v.metric}={_fmt(v.actual)} (needs {v.op} {_fmt(v.value)}) {verdict}"
 
-    `mustBeatBase` needs the base model's metrics, which stay in eval.json: the trainer's
-    `gatesPassed` flag (in the success message) is authoritative for it.
-    """
-    tuned = {k: v for k, v in final.items() if k != "gatesPassed"}
-    explicit = EvaluationSpec.model_validate({**spec.wire(), "mustBeatBase": False})
-    results = check_gates(explicit, task, tuned, None)
-    parts = [
-        f"{r['metric']}={_fmt(r['actual'])} (needs {r['op']} {_fmt(r['value'])}) "
-        f"{'pass' if r['passed'] else 'FAIL'}"
-        for r in results
-    ]
-    passed = all(r["passed"] for r in results)
-    trainer_flag = final.get("gatesPassed")
-    if spec.must_beat_base:
+
+def decide_gates(report: FinalReport, task: str) -> GateDecision:
+    """The conditions' words for the trainer's verdicts, taken as they are (never recomputed:
+    the gates are decided once, in the trainer's evaluation)."""
+    finite = {k: v for k, v in report.metrics.items() if v is not None}
+    passed = report.gates_passed
+    parts = [_verdict_text(v) for v in report.gates] or ["no gates configured"]
+    if report.gates:
+        name, value = report.gates[0].metric, report.gates[0].actual
+    else:
         name = primary_metric(task)
-        if passed:
-            # The explicit gates pass, so the trainer's overall flag is the mustBeatBase verdict.
-            beat = bool(trainer_flag)
-            verdict = "pass" if beat else "FAIL"
-        else:
-            beat, verdict = False, "not decided (see eval.json)"
-        parts.append(f"mustBeatBase on {name}={_fmt(tuned.get(name))} {verdict}")
-        results.append({"metric": name, "mustBeatBase": True, "passed": beat})
-        passed = passed and beat
-    elif trainer_flag is not None and not trainer_flag and passed:
-        # The trainer saw a failing gate the operator could not check: trust the trainer.
-        passed = False
-        parts.append("trainer reported failed gates (see eval.json)")
-    if not parts:
-        parts.append("no gates configured")
-    summary_metric = results[0]["metric"] if results else primary_metric(task)
-    value = tuned.get(summary_metric)
-    summary = f"{summary_metric}={_fmt(value)} {'PASS' if passed else 'FAIL'}"
+        value = finite.get(name)
+    summary = f"{name}={_fmt(value)} {'PASS' if passed else 'FAIL'}"
     message = ("gates passed: " if passed else "gates failed: ") + "; ".join(parts)
-    return GateDecision(passed, results, message, summary, dict(tuned))
+    return GateDecision(passed, list(report.gates), message, summary, finite)
 
 
 # --------------------------------------------------------------------------- progress

@@ -584,7 +584,7 @@ def base_job(s3: dict[str, str]) -> dict[str, Any]:
 def locally_invalid(doc: dict[str, Any]) -> bool:
     """What the operator's own checks say without a cluster (no Secret, no scheduler)."""
     from kubetune_operator.api.validation import SpecError
-    from kubetune_operator.handlers.validate import validate_job
+    from kubetune_operator.reconcile.executor import validate_on_cluster as validate_job
 
     try:
         validate_job(doc, check_secret=False)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 from typing import Any
 
 from kubetune_operator.api.models import FineTuneJob
-from kubetune_operator.builders import inference, pods
+from kubetune_operator.builders import common, inference, pods
 from kubetune_operator.builders.configmap import CONFIG_KEY, build_config_map
 from kubetune_operator.builders.service import build_headless_service
 
@@ -163,3 +165,70 @@ def test_inference_deployment_and_service() -> None:
     assert svc["metadata"]["name"] == "demo-serve"
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     assert inference.endpoint(job) == "http://demo-serve.ns.svc:8081"
+
+
+def _builder_imports() -> dict[str, set[str]]:
+    """builders module -> the builders modules it imports (at any depth, lazy ones too)."""
+    root = Path(pods.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        mod = f"kubetune_operator.builders.{path.stem}"
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            deps |= {n for n in names if n.startswith("kubetune_operator.builders.")}
+        graph[mod] = deps - {mod}
+    return graph
+
+
+def test_builders_have_no_import_cycle() -> None:
+    graph = _builder_imports()
+    assert "kubetune_operator.builders.common" in graph
+    assert graph["kubetune_operator.builders.common"] == set()
+    done: set[str] = set()
+
+    def visit(mod: str, path: tuple[str, ...]) -> None:
+        assert mod not in path, " -> ".join((*path, mod))
+        if mod in done:
+            return
+        for dep in graph.get(mod, set()):
+            visit(dep, (*path, mod))
+        done.add(mod)
+
+    for mod in graph:
+        visit(mod, ())
+
+
+def test_child_names_and_owner_come_from_common() -> None:
+    job = _job(resources={"nodes": 2}, inference={"enabled": True})
+    made = [
+        build_config_map(job, owner=OWNER),
+        build_headless_service(job, owner=OWNER),
+        *pods.build_rank_pods(job, 1, image="i", owner=OWNER),
+        inference.build_deployment(job, image="i", owner=OWNER),
+        inference.build_serve_service(job, owner=OWNER),
+    ]
+    assert [(m["kind"], m["metadata"]["name"]) for m in made] == [
+        ("ConfigMap", common.config_map_name("demo")),
+        ("Service", common.headless_service_name("demo")),
+        ("Pod", common.pod_name("demo", 0)),
+        ("Pod", common.pod_name("demo", 1)),
+        ("Deployment", common.serve_name("demo")),
+        ("Service", common.serve_name("demo")),
+    ]
+    assert [m["metadata"]["name"] for m in made] == [
+        "demo-config",
+        "demo-ranks",
+        "demo-rank-0",
+        "demo-rank-1",
+        "demo-serve",
+        "demo-serve",
+    ]
+    for m in made:
+        assert m["metadata"]["ownerReferences"] == [common.owner_reference(OWNER)]
+        assert m["metadata"]["labels"][common.JOB_LABEL] == "demo"

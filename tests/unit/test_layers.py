@@ -1,8 +1,8 @@
 """The layer contracts in pyproject.toml hold, and each one can fail.
 
 `lint-imports` checks the real tree (scripts/test.sh runs it too). Then, for each contract, a
-copy of the source roots gets one import that crosses that layer, and lint-imports must name
-exactly that contract as broken: a contract that cannot fail would check nothing.
+copy of the source roots gets one import that crosses that layer, and lint-imports must report
+that contract broken: a contract that cannot fail would check nothing.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ VIOLATIONS = {
     "trainer-no-kubernetes": ("trainer/kubetune_trainer/store.py", "import kopf"),
     "contract-torch-free": ("trainer/kubetune_trainer/errors.py", "import kubetune_trainer.store"),
     "pure-operator-core": (
-        "operator/kubetune_operator/builders/service.py",
-        "from kubetune_operator import kube",
+        "operator/kubetune_operator/reconcile/plan.py",
+        "import kopf",
     ),
     "operator-no-trainer-runtime": (
         "operator/kubetune_operator/cli/validate.py",
@@ -65,9 +65,9 @@ def test_each_contract_can_fail(tmp_path: Path, contract: str) -> None:
     rel, line = VIOLATIONS[contract]
     target = tmp_path / rel
     target.write_text(target.read_text() + f"\n{line}  # injected by test_layers\n")
-    # The injected import breaks exactly its own contract, and the copy is what was checked.
-    for other in VIOLATIONS:
-        out = lint(tmp_path, other)
-        expected = 1 if other == contract else 0
-        assert out.returncode == expected, f"{other}: {out.stdout}{out.stderr}"
+    # The injected import breaks its own contract (contracts overlap: `config` is under the
+    # pure core too, so others may break as well), and the copy is what was checked.
+    out = lint(tmp_path, contract)
+    assert out.returncode == 1, f"{contract}: {out.stdout}{out.stderr}"
+    assert "BROKEN" in out.stdout
     assert "injected" not in (ROOT / rel).read_text()

@@ -7,7 +7,8 @@ from typing import Any
 
 from kubetune_operator import status as st
 from kubetune_operator.api.models import FineTuneJobSpec, FineTuneJobStatus
-from kubetune_trainer.config import EvaluationSpec
+from kubetune_trainer.config import FinalReport, GateVerdict
+from kubetune_trainer.errors import EXIT_CODES, PERMANENT_EXIT_CODES
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -72,6 +73,18 @@ def test_retryable_failures() -> None:
     assert f is not None and f.retryable and f.reason == "Evicted"
 
 
+def test_exit_codes_come_from_the_trainers_table() -> None:
+    for reason, code in EXIT_CODES.items():
+        if code == 0:
+            continue
+        f = st.classify_failure(_pod(code, "no reason line"))
+        assert f is not None and f.reason == reason, (code, f)
+        assert f.retryable == (code not in PERMANENT_EXIT_CODES)
+    # A rank that exited 0 yet failed is not "Succeeded".
+    f = st.classify_failure(_pod(0, "", "Completed", "Failed"))
+    assert f is not None and f.retryable and f.reason == "Completed"
+
+
 def test_restart_decision_backoff_and_limit() -> None:
     f = st.Failure("p", "n", 137, "Killed", "", True)
     assert [st.restart_delay(i) for i in range(6)] == [10, 20, 40, 80, 160, 300]
@@ -84,28 +97,58 @@ def test_restart_decision_backoff_and_limit() -> None:
     assert not d.restart and d.reason == "InvalidData" and "bad row" in d.message
 
 
-def test_success_message_and_gates() -> None:
-    final = st.parse_success_message('Succeeded: {"accuracy":0.93,"loss":0.2,"gatesPassed":1}')
-    assert final == {"accuracy": 0.93, "loss": 0.2, "gatesPassed": 1.0}
-    assert st.parse_success_message("Error: x") is None
-    spec = EvaluationSpec.model_validate(
-        {"gates": [{"metric": "accuracy", "op": ">=", "value": 0.8}]}
-    )
-    d = st.decide_gates(spec, "sequence-classification", final)
+def _report(metrics: dict[str, float | None], *gates: GateVerdict, passed: bool) -> str:
+    report = FinalReport(metrics=metrics, gates=list(gates), gates_passed=passed)
+    return "Succeeded: " + report.model_dump_json(by_alias=True)
+
+
+def test_final_report_is_parsed_or_missing() -> None:
+    gate = GateVerdict(metric="accuracy", op=">=", value=0.8, actual=0.93, passed=True)
+    report = st.parse_final_report(_report({"accuracy": 0.93, "loss": None}, gate, passed=True))
+    assert report is not None and report.gates_passed and report.gates == [gate]
+    assert report.metrics == {"accuracy": 0.93, "loss": None}
+    # The wire form is camelCase, as the trainer writes it.
+    wire = '{"metrics":{},"gates":[],"gatesPassed":false}'
+    assert st.parse_final_report(f"Succeeded: {wire}") is not None
+    for missing in (None, "", "Error: x", "Succeeded: {}", 'Succeeded: {"accuracy":0.9}'):
+        assert st.parse_final_report(missing) is None, missing
+
+
+def test_gates_are_reported_as_the_trainer_decided() -> None:
+    ok = GateVerdict(metric="accuracy", op=">=", value=0.8, actual=0.93, passed=True)
+    text = _report({"accuracy": 0.93, "loss": 0.2, "f1_macro": None}, ok, passed=True)
+    report = st.parse_final_report(text)
+    assert report is not None
+    d = st.decide_gates(report, "sequence-classification")
     assert d.passed and d.summary == "accuracy=0.93 PASS"
-    assert "accuracy=0.93 (needs >= 0.8) pass" in d.message
-    bad = st.decide_gates(spec, "sequence-classification", {"accuracy": 0.5, "gatesPassed": 0})
-    assert not bad.passed and bad.summary == "accuracy=0.5 FAIL"
-    assert "accuracy=0.5 (needs >= 0.8) FAIL" in bad.message
+    assert d.message == "gates passed: accuracy=0.93 (needs >= 0.8) pass"
+    assert d.metrics == {"accuracy": 0.93, "loss": 0.2}  # nulls skipped
+    bad = GateVerdict(metric="accuracy", op=">=", value=0.8, actual=0.5, passed=False)
+    d = st.decide_gates(FinalReport(gates=[bad], gates_passed=False), "sequence-classification")
+    assert not d.passed and d.summary == "accuracy=0.5 FAIL"
+    assert d.message == "gates failed: accuracy=0.5 (needs >= 0.8) FAIL"
 
 
-def test_must_beat_base_trusts_the_trainer_flag() -> None:
-    spec = EvaluationSpec.model_validate({"mustBeatBase": True})
-    assert st.decide_gates(spec, "causal-lm", {"loss": 1.0, "gatesPassed": 1}).passed
-    d = st.decide_gates(spec, "causal-lm", {"loss": 1.0, "gatesPassed": 0})
-    assert not d.passed and "mustBeatBase on loss=1 FAIL" in d.message
-    none = st.decide_gates(EvaluationSpec(), "causal-lm", {"loss": 1.0})
+def test_verdicts_are_never_recomputed() -> None:
+    # The trainer says pass on a number the operator would call a failure: its word stands.
+    odd = GateVerdict(metric="loss", op="<", value=0.1, actual=0.5, passed=True)
+    d = st.decide_gates(FinalReport(gates=[odd], gates_passed=True), "causal-lm")
+    assert d.passed and "loss=0.5 (needs < 0.1) pass" in d.message
+    # And the overall flag decides, even when every listed verdict passed (gates dropped to fit).
+    d = st.decide_gates(FinalReport(gates=[odd], gates_passed=False), "causal-lm")
+    assert not d.passed and d.message.startswith("gates failed: ")
+
+
+def test_must_beat_base_verdict_and_no_gates() -> None:
+    beat = GateVerdict(
+        metric="loss", op="<", value=1.2, actual=1.0, passed=False, must_beat_base=True
+    )
+    d = st.decide_gates(FinalReport(gates=[beat], gates_passed=False), "causal-lm")
+    assert not d.passed and d.message == "gates failed: mustBeatBase on loss=1 FAIL"
+    assert d.summary == "loss=1 FAIL"
+    none = st.decide_gates(FinalReport(metrics={"loss": 1.0}, gates_passed=True), "causal-lm")
     assert none.passed and none.summary == "loss=1 PASS"
+    assert none.message == "gates passed: no gates configured"
 
 
 METRICS = """

@@ -290,7 +290,12 @@ def test_success_message_is_the_final_report(tmp_path: Path) -> None:
         "steps": 40,
         "flag": True,
     }
-    report = final_report(metrics, [_verdict(), _verdict(op=">", value=0.5, must_beat_base=True)])
+    report = final_report(
+        metrics,
+        [_verdict(), _verdict(op=">", value=0.5, must_beat_base=True)],
+        steps=40,
+        total_steps=42,
+    )
     assert report.metrics == {
         "accuracy": 0.93, "f1_macro": 0.92, "loss": 0.31, "perplexity": None, "steps": 40.0,
     }  # fmt: skip
@@ -307,6 +312,8 @@ def test_success_message_is_the_final_report(tmp_path: Path) -> None:
              "mustBeatBase": True},
         ],
         "gatesPassed": True,
+        "steps": 40,
+        "totalSteps": 42,
     }  # fmt: skip
     assert " " not in text  # compact: one line, every byte counts
 
@@ -323,7 +330,7 @@ def test_success_message_gates_passed_follows_the_verdicts() -> None:
     assert report.gates_passed is False
     assert final_report({}, []).gates_passed is True  # no gates: nothing to fail
     assert json.loads(success_message(final_report({}, []))) == {
-        "metrics": {}, "gates": [], "gatesPassed": True,
+        "metrics": {}, "gates": [], "gatesPassed": True, "steps": None, "totalSteps": None,
     }  # fmt: skip
 
 

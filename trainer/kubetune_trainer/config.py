@@ -638,49 +638,11 @@ class FinalReport(WireModel):
     metrics: dict[str, float | None] = Field(default_factory=dict)
     gates: list[GateVerdict] = Field(default_factory=list)
     gates_passed: bool
-
-
-_METRIC_ALIASES = {"f1": "f1_macro"}
+    # Optimizer steps done and planned: final progress needs no scrape of a pod that has exited.
+    steps: int | None = None
+    total_steps: int | None = None
 
 
 def primary_metric(task: str) -> str:
     """The metric `mustBeatBase` compares: accuracy for classification, loss for causal-lm."""
     return "accuracy" if task == "sequence-classification" else "loss"
-
-
-def check_gates(
-    spec: EvaluationSpec,
-    task: str,
-    tuned: dict[str, Any],
-    base: dict[str, Any] | None,
-) -> list[dict[str, Any]]:
-    """Each gate against the fine-tuned metrics: [{metric, op, value, actual, passed}].
-
-    Pure, so the trainer (eval.json, local summary) and the operator (conditions) agree.
-    A gate on a metric that was not computed fails, with actual None.
-    """
-    results: list[dict[str, Any]] = []
-    for gate in spec.gates:
-        name = _METRIC_ALIASES.get(gate.metric, gate.metric)
-        actual = tuned.get(name)
-        ok = isinstance(actual, int | float) and gate.passes(float(actual))
-        results.append(
-            {"metric": name, "op": gate.op, "value": gate.value, "actual": actual, "passed": ok}
-        )
-    if spec.must_beat_base:
-        name = primary_metric(task)
-        mine, theirs = tuned.get(name), (base or {}).get(name)
-        ok = False
-        if isinstance(mine, int | float) and isinstance(theirs, int | float):
-            ok = mine < theirs if name in LOWER_IS_BETTER else mine > theirs
-        results.append(
-            {
-                "metric": name,
-                "op": "<" if name in LOWER_IS_BETTER else ">",
-                "value": theirs,
-                "actual": mine,
-                "passed": ok,
-                "mustBeatBase": True,
-            }
-        )
-    return results

@@ -3,31 +3,31 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from kubetune_operator.api.models import FineTuneJob
+from kubetune_operator.builders.common import (
+    CONFIG_KEY,
+    Obj,
+    config_map_name,
+    job_labels,
+    metadata,
+    namespace_of,
+)
 from kubetune_operator.builders.trainer_config import trainer_config
 from kubetune_trainer.config import TelemetrySpec
 
-CONFIG_KEY = "config.json"
+__all__ = ["CONFIG_KEY", "TERMINATION_LOG", "build_config_map", "config_map_name"]
+
 TERMINATION_LOG = "/dev/termination-log"
 
 
-def config_map_name(job: str) -> str:
-    return f"{job}-config"
-
-
-def build_config_map(job: FineTuneJob, *, owner: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_config_map(job: FineTuneJob, *, owner: Obj | None = None) -> Obj:
     """TrainerConfig JSON (output = the run prefix). Holds no secret: keys come from env refs."""
-    from kubetune_operator.builders.pods import job_labels, metadata
-
     cfg = trainer_config(job, telemetry=TelemetrySpec(termination_log=TERMINATION_LOG))
     name = job.metadata.name
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": metadata(
-            config_map_name(name), job.metadata.namespace or "default", job_labels(name), owner
-        ),
+        "metadata": metadata(config_map_name(name), namespace_of(job), job_labels(name), owner),
         "data": {CONFIG_KEY: json.dumps(cfg.wire(), sort_keys=True)},
     }

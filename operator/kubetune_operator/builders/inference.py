@@ -2,36 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from kubetune_operator.api.models import FineTuneJob
-from kubetune_operator.builders.pods import (
+from kubetune_operator.builders.common import (
+    Obj,
     container_security_context,
     job_labels,
     metadata,
+    namespace_of,
     pod_ip_env,
     pod_security_context,
+    serve_name,
     storage_env,
 )
 from kubetune_operator.builders.trainer_config import run_prefix
 
-Obj = dict[str, Any]
+__all__ = ["build_deployment", "build_serve_service", "endpoint", "model_uri", "serve_name"]
+
 SERVE_CONTAINER = "server"
-
-
-def serve_name(job: str) -> str:
-    return f"{job}-serve"
 
 
 def model_uri(job: FineTuneJob) -> str:
     if job.spec.storage is None:
         raise ValueError("spec.storage is required to serve a model on a cluster")
-    prefix = run_prefix(job.spec.storage, job.metadata.namespace or "default", job.metadata.name)
+    prefix = run_prefix(job.spec.storage, namespace_of(job), job.metadata.name)
     return f"{prefix}/model"
 
 
 def endpoint(job: FineTuneJob) -> str:
-    ns = job.metadata.namespace or "default"
+    ns = namespace_of(job)
     return f"http://{serve_name(job.metadata.name)}.{ns}.svc:{job.spec.inference.port}"
 
 
@@ -39,14 +37,13 @@ def _labels(job: FineTuneJob) -> dict[str, str]:
     return job_labels(job.metadata.name, "serve")
 
 
-def build_deployment(job: FineTuneJob, *, image: str, owner: Obj | None = None) -> Obj:
+def _server_container(job: FineTuneJob, image: str) -> Obj:
     inf = job.spec.inference
-    labels = _labels(job)
     limits: Obj = {"cpu": inf.resources.cpu, "memory": inf.resources.memory}
     if inf.resources.gpus > 0:
         limits["nvidia.com/gpu"] = str(inf.resources.gpus)
     port = inf.port
-    container: Obj = {
+    return {
         "name": SERVE_CONTAINER,
         "image": image,
         # Bind the pod IP, not 0.0.0.0: the same on a real cluster, and pods that share a host
@@ -83,14 +80,16 @@ def build_deployment(job: FineTuneJob, *, image: str, owner: Obj | None = None) 
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": container_security_context(),
     }
+
+
+def build_deployment(job: FineTuneJob, *, image: str, owner: Obj | None = None) -> Obj:
+    labels = _labels(job)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": metadata(
-            serve_name(job.metadata.name), job.metadata.namespace or "default", labels, owner
-        ),
+        "metadata": metadata(serve_name(job.metadata.name), namespace_of(job), labels, owner),
         "spec": {
-            "replicas": inf.replicas,
+            "replicas": job.spec.inference.replicas,
             "selector": {"matchLabels": labels},
             "template": {
                 "metadata": {"labels": labels},
@@ -98,7 +97,7 @@ def build_deployment(job: FineTuneJob, *, image: str, owner: Obj | None = None) 
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
                     "securityContext": pod_security_context(),
-                    "containers": [container],
+                    "containers": [_server_container(job, image)],
                 },
             },
         },
@@ -111,9 +110,7 @@ def build_serve_service(job: FineTuneJob, *, owner: Obj | None = None) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": metadata(
-            serve_name(job.metadata.name), job.metadata.namespace or "default", labels, owner
-        ),
+        "metadata": metadata(serve_name(job.metadata.name), namespace_of(job), labels, owner),
         "spec": {
             "selector": labels,
             "ports": [{"name": "http", "port": port, "targetPort": port, "protocol": "TCP"}],

@@ -5,19 +5,23 @@ Pure: FineTuneJob -> plain dicts. Names are fixed so a retried handler re-applie
 
 from __future__ import annotations
 
-from typing import Any
-
-from kubetune_operator.api.models import API_VERSION, KIND, FineTuneJob
-from kubetune_operator.builders.configmap import CONFIG_KEY, config_map_name
-
-Obj = dict[str, Any]
-
-APP_LABEL = "app.kubernetes.io/name"
-APP = "kubetune"
-JOB_LABEL = "kubetune.io/job"
-ROLE_LABEL = "kubetune.io/role"
-RANK_LABEL = "kubetune.io/rank"
-ATTEMPT_LABEL = "kubetune.io/attempt"
+from kubetune_operator.api.models import FineTuneJob
+from kubetune_operator.builders.common import (
+    ATTEMPT_LABEL,
+    CONFIG_KEY,
+    RANK_LABEL,
+    Obj,
+    config_map_name,
+    container_security_context,
+    headless_service_name,
+    job_labels,
+    metadata,
+    namespace_of,
+    pod_ip_env,
+    pod_name,
+    pod_security_context,
+    storage_env,
+)
 
 DEFAULT_IMAGE = "ghcr.io/kubetune/trainer"
 MASTER_PORT = 29500
@@ -31,50 +35,10 @@ def default_image(version: str) -> str:
     return f"{DEFAULT_IMAGE}:{version}"
 
 
-def job_labels(name: str, role: str | None = None) -> dict[str, str]:
-    labels = {APP_LABEL: APP, JOB_LABEL: name}
-    if role:
-        labels[ROLE_LABEL] = role
-    return labels
-
-
-def rank_selector(name: str) -> str:
-    """Label selector (string form) for every rank pod of a job."""
-    return f"{JOB_LABEL}={name},{ROLE_LABEL}=rank"
-
-
-def pod_name(job: str, rank: int) -> str:
-    return f"{job}-rank-{rank}"
-
-
-def headless_service_name(job: str) -> str:
-    return f"{job}-ranks"
-
-
-def owner_reference(owner: Obj) -> Obj:
-    """A controller ownerReference to the FineTuneJob: the garbage collector removes children."""
-    meta = owner["metadata"]
-    return {
-        "apiVersion": owner.get("apiVersion", API_VERSION),
-        "kind": owner.get("kind", KIND),
-        "name": meta["name"],
-        "uid": meta["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
-def metadata(name: str, namespace: str, labels: dict[str, str], owner: Obj | None) -> Obj:
-    meta: Obj = {"name": name, "namespace": namespace, "labels": dict(labels)}
-    if owner is not None:
-        meta["ownerReferences"] = [owner_reference(owner)]
-    return meta
-
-
 NODE_FAILURE_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
 
 
-def node_failure_tolerations(job: FineTuneJob) -> list[dict[str, Any]]:
+def node_failure_tolerations(job: FineTuneJob) -> list[Obj]:
     """Bound how long a rank waits on a failed node. Kubernetes evicts after 300 s by default;
     a gang stalls that whole time, so evict sooner and let the restart resume elsewhere. A
     user toleration for the same taint wins."""
@@ -87,50 +51,6 @@ def node_failure_tolerations(job: FineTuneJob) -> list[dict[str, Any]]:
         for key in NODE_FAILURE_TAINTS
         if key not in own
     ]
-
-
-def pod_security_context() -> Obj:
-    """The `restricted` Pod Security Standard, pod level."""
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": 1000,
-        "runAsGroup": 1000,
-        "fsGroup": 1000,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
-def container_security_context() -> Obj:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": 1000,
-        "allowPrivilegeEscalation": False,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
-def storage_env(job: FineTuneJob) -> list[Obj]:
-    """S3 endpoint/region as values; keys only as secretKeyRef (never inline)."""
-    storage = job.spec.storage
-    env: list[Obj] = []
-    if storage is None:
-        return env
-    if storage.endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
-    env.append({"name": "AWS_DEFAULT_REGION", "value": storage.region})
-    ref = storage.credentials_secret_ref
-    if ref is not None:
-        for var, key in (
-            ("AWS_ACCESS_KEY_ID", ref.access_key_id_key),
-            ("AWS_SECRET_ACCESS_KEY", ref.secret_access_key_key),
-        ):
-            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key}}})
-    return env
-
-
-def pod_ip_env() -> Obj:
-    return {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
 
 
 def trainer_command(job: FineTuneJob) -> list[str]:
@@ -159,29 +79,10 @@ def trainer_command(job: FineTuneJob) -> list[str]:
     ]
 
 
-def build_rank_pod(
-    job: FineTuneJob,
-    rank: int,
-    attempt: int,
-    *,
-    image: str,
-    owner: Obj | None = None,
-) -> Obj:
-    """Rank `rank` of the gang for restart attempt `attempt`."""
-    name = job.metadata.name
-    namespace = job.metadata.namespace or "default"
-    res = job.spec.resources
-    labels = {
-        **job_labels(name, "rank"),
-        RANK_LABEL: str(rank),
-        ATTEMPT_LABEL: str(attempt),
-    }
-    limits: Obj = {"cpu": res.cpu, "memory": res.memory}
-    if res.gpus_per_node > 0:
-        limits["nvidia.com/gpu"] = str(res.gpus_per_node)
-    service = headless_service_name(name)
-    env: list[Obj] = [
-        {"name": "MASTER_ADDR", "value": f"{pod_name(name, 0)}.{service}"},
+def _rank_env(job: FineTuneJob, rank: int) -> list[Obj]:
+    name, res = job.metadata.name, job.spec.resources
+    return [
+        {"name": "MASTER_ADDR", "value": f"{pod_name(name, 0)}.{headless_service_name(name)}"},
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
         {"name": "NNODES", "value": str(res.nodes)},
         {"name": "NODE_RANK", "value": str(rank)},
@@ -193,29 +94,49 @@ def build_rank_pod(
         pod_ip_env(),
         *storage_env(job),
     ]
+
+
+def _trainer_container(job: FineTuneJob, rank: int, image: str) -> Obj:
+    res = job.spec.resources
+    limits: Obj = {"cpu": res.cpu, "memory": res.memory}
+    if res.gpus_per_node > 0:
+        limits["nvidia.com/gpu"] = str(res.gpus_per_node)
+    return {
+        "name": CONTAINER,
+        "image": image,
+        "command": trainer_command(job),
+        "env": _rank_env(job, rank),
+        "ports": [
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            {"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"},
+        ],
+        "resources": {"requests": dict(limits), "limits": limits},
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": container_security_context(),
+    }
+
+
+def build_rank_pod(
+    job: FineTuneJob,
+    rank: int,
+    attempt: int,
+    *,
+    image: str,
+    owner: Obj | None = None,
+) -> Obj:
+    """Rank `rank` of the gang for restart attempt `attempt`."""
+    name = job.metadata.name
+    res = job.spec.resources
+    labels = {**job_labels(name, "rank"), RANK_LABEL: str(rank), ATTEMPT_LABEL: str(attempt)}
     spec: Obj = {
         "restartPolicy": "Never",
         "hostname": pod_name(name, rank),
-        "subdomain": service,
+        "subdomain": headless_service_name(name),
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(),
-        "containers": [
-            {
-                "name": CONTAINER,
-                "image": image,
-                "command": trainer_command(job),
-                "env": env,
-                "ports": [
-                    {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
-                    {"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"},
-                ],
-                "resources": {"requests": dict(limits), "limits": limits},
-                "terminationMessagePolicy": "FallbackToLogsOnError",
-                "securityContext": container_security_context(),
-            }
-        ],
+        "containers": [_trainer_container(job, rank, image)],
     }
     if res.node_selector:
         spec["nodeSelector"] = dict(res.node_selector)
@@ -225,7 +146,7 @@ def build_rank_pod(
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": metadata(pod_name(name, rank), namespace, labels, owner),
+        "metadata": metadata(pod_name(name, rank), namespace_of(job), labels, owner),
         "spec": spec,
     }
 

@@ -2,30 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from kubetune_operator.api.models import FineTuneJob
-from kubetune_operator.builders.pods import (
-    MASTER_PORT,
-    METRICS_PORT,
+from kubetune_operator.builders.common import (
+    Obj,
     headless_service_name,
     job_labels,
     metadata,
+    namespace_of,
 )
+from kubetune_operator.builders.pods import MASTER_PORT, METRICS_PORT
 
 
-def build_headless_service(
-    job: FineTuneJob, *, owner: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def build_headless_service(job: FineTuneJob, *, owner: Obj | None = None) -> Obj:
     name = job.metadata.name
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": metadata(
-            headless_service_name(name),
-            job.metadata.namespace or "default",
-            job_labels(name),
-            owner,
+            headless_service_name(name), namespace_of(job), job_labels(name), owner
         ),
         "spec": {
             "clusterIP": "None",

@@ -14,7 +14,7 @@ from typing import Any
 from kubetune_operator import kube
 from kubetune_operator import status as st
 from kubetune_operator.api.models import FineTuneJobStatus
-from kubetune_operator.builders import pods
+from kubetune_operator.builders.common import pod_name
 
 Obj = dict[str, Any]
 
@@ -138,7 +138,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     _connect(args)
     ns = _namespace(args)
-    name = pods.pod_name(args.job, args.rank)
+    name = pod_name(args.job, args.rank)
     try:
         text = kube.pod_log(ns, name, tail=args.tail)
     except kube.ApiError as err:

@@ -1,1 +1,1 @@
-"""kopf handlers. `jobs` and `pods` hold the decorators; `controller` the reconcile logic."""
+"""kopf handlers: decorators only. They collect what kopf gave and call `reconcile`."""

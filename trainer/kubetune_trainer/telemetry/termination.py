@@ -75,13 +75,21 @@ def report_metrics(metrics: Mapping[str, Any]) -> dict[str, float | None]:
     return flat
 
 
-def final_report(metrics: Mapping[str, Any], gates: Sequence[GateVerdict]) -> FinalReport:
-    """Rank 0's result for the operator: the tuned metrics and the gates as the trainer decided
-    them (the operator never recomputes a gate)."""
+def final_report(
+    metrics: Mapping[str, Any],
+    gates: Sequence[GateVerdict],
+    *,
+    steps: int | None = None,
+    total_steps: int | None = None,
+) -> FinalReport:
+    """Rank 0's result for the operator: the tuned metrics, the gates as the trainer decided
+    them (the operator never recomputes a gate) and the steps trained."""
     return FinalReport(
         metrics=report_metrics(metrics),
         gates=list(gates),
         gates_passed=all(g.passed for g in gates),
+        steps=steps,
+        total_steps=total_steps,
     )
 
 

@@ -433,7 +433,10 @@ class FineTuneRun:
         if self.reporter:
             message = "gates passed" if self.gates_passed else "gates failed"
             self.reporter.update(phase="done", message=message)
-        final = final_report(self._headline(), self.gates)
+        state = self.trained.state
+        final = final_report(
+            self._headline(), self.gates, steps=state.step, total_steps=self.trained.total_steps
+        )
         write_success(self.cfg.telemetry.termination_log, final)
 
     def _headline(self) -> dict[str, Any]:

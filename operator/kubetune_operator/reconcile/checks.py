@@ -1,4 +1,7 @@
-"""Preflight of a FineTuneJob object as the API server holds it: schema + cluster checks."""
+"""Preflight of a FineTuneJob object as the API server holds it: schema + cluster checks.
+
+Pure: the credentials Secret's key names come in as `SecretRead`, read by the executor.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune_operator import kube
 from kubetune_operator.api.models import FineTuneJob
 from kubetune_operator.api.validation import FieldError, SpecError, explain, validate_document
+from kubetune_operator.reconcile.plan_types import SecretRead
 
 Obj = dict[str, Any]
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
@@ -96,31 +99,25 @@ def _cluster_errors(job: FineTuneJob) -> list[FieldError]:
     return out
 
 
-def _secret_errors(job: FineTuneJob, namespace: str) -> list[FieldError]:
+def _secret_errors(job: FineTuneJob, namespace: str, secret: SecretRead | None) -> list[FieldError]:
     storage = job.spec.storage
     ref = storage.credentials_secret_ref if storage else None
-    if ref is None:
+    if ref is None or secret is None or secret.name != ref.name:
         return []
     path = "spec.storage.credentialsSecretRef"
-    try:
-        keys = kube.secret_keys(namespace, ref.name)
-    except kube.ApiError as err:
-        if err.status == 404:
-            return [
-                FieldError(
-                    f"{path}.name", f"Secret not found in namespace {namespace}", repr(ref.name)
-                )
-            ]
-        raise
-    if keys is None:  # no RBAC to read Secrets: the pods will tell
+    if not secret.found:
+        return [
+            FieldError(f"{path}.name", f"Secret not found in namespace {namespace}", repr(ref.name))
+        ]
+    if secret.keys is None:  # no RBAC to read Secrets: the pods will tell
         return []
     out = []
     for field, key in (
         ("accessKeyIdKey", ref.access_key_id_key),
         ("secretAccessKeyKey", ref.secret_access_key_key),
     ):
-        if key not in keys:
-            have = ", ".join(sorted(keys)) or "none"
+        if key not in secret.keys:
+            have = ", ".join(sorted(secret.keys)) or "none"
             out.append(
                 FieldError(
                     f"{path}.{field}",
@@ -130,8 +127,19 @@ def _secret_errors(job: FineTuneJob, namespace: str) -> list[FieldError]:
     return out
 
 
-def validate_job(body: Obj, *, check_secret: bool = True) -> FineTuneJob:
-    """The job, or SpecError listing every problem (field path, value, what is accepted)."""
+def secret_name(body: Obj) -> str | None:
+    """The credentials Secret a raw job names, if any (read before the spec is validated)."""
+    storage = (body.get("spec") or {}).get("storage")
+    ref = storage.get("credentialsSecretRef") if isinstance(storage, dict) else None
+    name = ref.get("name") if isinstance(ref, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+def validate_job(body: Obj, *, secret: SecretRead | None = None) -> FineTuneJob:
+    """The job, or SpecError listing every problem (field path, value, what is accepted).
+
+    `secret`: the credentials Secret as read; None skips that check.
+    """
     namespace = (body.get("metadata") or {}).get("namespace") or "default"
     try:
         job = validate_document(_doc(body, body.get("spec")))
@@ -139,8 +147,8 @@ def validate_job(body: Obj, *, check_secret: bool = True) -> FineTuneJob:
         raise SpecError("spec", [_safe(e) for e in err.errors]) from None
     errors = [_safe(e) for e in _pruned_errors(body)]
     errors += _cluster_errors(job)
-    if not errors and check_secret:
-        errors += _secret_errors(job, namespace)
+    if not errors:
+        errors += _secret_errors(job, namespace, secret)
     if errors:
         raise SpecError("spec", errors)
     return job
