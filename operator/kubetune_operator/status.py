@@ -501,11 +501,6 @@ def progress_from_scrape(
     )
 
 
-def progress_bar(percent: int, width: int = 30) -> str:
-    filled = max(0, min(width, round(width * percent / 100)))
-    return "[" + "#" * filled + "-" * (width - filled) + f"] {percent:3d}%"
-
-
 # --------------------------------------------------------------------------- spec changes
 
 

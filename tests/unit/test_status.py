@@ -172,7 +172,6 @@ def test_progress_from_metrics() -> None:
     assert p is not None
     assert (p.percent, p.eta_seconds, p.loss, p.tokens_per_second) == (25, 45, 1.25, 900.0)
     assert st.progress_from_scrape(st.Scrape()) is None
-    assert st.progress_bar(50, 10) == "[#####-----]  50%"
 
 
 def test_spec_hash_ignores_mutable_fields() -> None:

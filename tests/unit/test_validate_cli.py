@@ -51,3 +51,11 @@ def test_missing_file_and_not_a_mapping(tmp_path: Path) -> None:
     assert "expected a mapping" in result.stdout
     assert "not UTF-8" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_progress_bar_of_kubetune_status() -> None:
+    from kubetune_operator.cli.cluster import progress_bar
+
+    assert progress_bar(50, 10) == "[#####-----]  50%"
+    assert progress_bar(0, 4) == "[----]   0%"
+    assert progress_bar(130, 4) == "[####] 130%"  # clamped bar, honest number

@@ -19,6 +19,11 @@ from kubetune_operator.builders.common import pod_name
 Obj = dict[str, Any]
 
 
+def progress_bar(percent: int, width: int = 30) -> str:
+    filled = max(0, min(width, round(width * percent / 100)))
+    return "[" + "#" * filled + "-" * (width - filled) + f"] {percent:3d}%"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG)")
     p.add_argument("--context", default=None, help="kubeconfig context")
@@ -106,7 +111,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if s.progress is not None:
         p = s.progress
         eta = f", ETA {p.eta_seconds}s" if p.eta_seconds is not None else ""
-        print(f"Progress:  {st.progress_bar(p.percent)}  step {p.step}/{p.total_steps}{eta}")
+        print(f"Progress:  {progress_bar(p.percent)}  step {p.step}/{p.total_steps}{eta}")
         if p.loss is not None:
             print(f"Loss:      {p.loss:.4g}")
         if p.tokens_per_second is not None:
