@@ -24,6 +24,9 @@ if [ -f scripts/fetch-helm.sh ]; then
   bash scripts/fetch-helm.sh
 fi
 
+echo "== promtool (Debian's prometheus package, for the alert rule tests)"
+bash scripts/install-prometheus.sh
+
 echo "== pytest"
 # Default: everything except tests marked slow (none are today: the e2e, chart, reliability and
 # model-conversion tests all run in CI); pass -m slow to run only those.
