@@ -138,6 +138,9 @@ def _split_counts(n: int, validation: float, test: float) -> tuple[int, int]:
     return n_val, n_test
 
 
+Numbered = list[tuple[int, Row]]  # (line, row): the line stays for error messages
+
+
 def prepare_data(
     spec: DataSpec,
     task: str,
@@ -159,7 +162,36 @@ def prepare_data(
     test = prep.read("test", spec.test, train_hashes) if spec.test else None
     del train_hashes
 
-    # Deterministic shuffle of train, then carve test/validation off it when no file was given.
+    splits = _carve(spec, seed, train, val, test)
+    if not splits["train"]:
+        raise InvalidDataError(
+            "no training rows left after cleaning and splitting "
+            f"({prep.report.dropped_empty} empty, {prep.report.dropped_duplicates} duplicates)",
+            source=train.source,
+        )
+    labels: list[str] | None = None
+    if fmt == "classification":
+        labels, final = _classification(spec, prep, train, (val, test), splits)
+    else:
+        final = {name: [row for _, row in rows] for name, rows in splits.items()}
+
+    report = prep.report
+    report.split_sizes = {name: len(final[name]) for name in SPLITS}
+    report.fingerprint = fingerprint(final, labels)
+    return PreparedData(
+        train=final["train"],
+        validation=final["validation"],
+        test=final["test"],
+        labels=labels,
+        report=report,
+    )
+
+
+def _carve(
+    spec: DataSpec, seed: int, train: _Split, val: _Split | None, test: _Split | None
+) -> dict[str, Numbered]:
+    """Deterministic shuffle of train, then test/validation carved off it when no file was
+    given; maxSamples caps what is left for training."""
     order = list(range(len(train.rows)))
     random.Random(seed).shuffle(order)
     n_val, n_test = _split_counts(
@@ -172,65 +204,49 @@ def prepare_data(
     train_rows = [train.rows[i] for i in order[n_test + n_val :]]
     if spec.max_samples is not None:
         train_rows = train_rows[: spec.max_samples]
-    if not train_rows:
-        raise InvalidDataError(
-            "no training rows left after cleaning and splitting "
-            f"({prep.report.dropped_empty} empty, {prep.report.dropped_duplicates} duplicates)",
-            source=train.source,
-        )
+    return {"train": train_rows, "validation": val_rows, "test": test_rows}
 
-    labels: list[str] | None = None
-    report = prep.report
-    if fmt == "classification":
-        labels = (
-            list(spec.labels)
-            if spec.labels is not None
-            else _sorted_labels(row["label"] for _, row in train.rows)
-        )
-        if spec.labels is None:
-            known = set(labels)
-            for split in (val, test):
-                if split is not None:
-                    src = Source(split.source, Path(split.source))
-                    for line, row in split.rows:
-                        prep._check_label(src, line, row["label"], known)
-        distinct = {row["label"] for _, row in train_rows}
-        if len(distinct) < 2:
-            raise InvalidDataError(
-                f"one-class data: the training rows have only the label {sorted(distinct)}; "
-                "expected at least 2 distinct labels for classification",
-                source=train.source,
-                field=spec.fields.label,
-            )
-        counts = {
-            name: Counter(row["label"] for _, row in rows)
-            for name, rows in (("train", train_rows), ("validation", val_rows), ("test", test_rows))
-        }
-        # Every label in id order, zeros included: a class missing from a split is worth seeing.
-        report.label_counts = {
-            name: {label: c[label] for label in labels} for name, c in counts.items()
-        }
-        ids = {name: i for i, name in enumerate(labels)}
-        final = {
-            name: [{"text": row["text"], "label": ids[row["label"]]} for _, row in rows]
-            for name, rows in (("train", train_rows), ("validation", val_rows), ("test", test_rows))
-        }
-    else:
-        final = {
-            "train": [row for _, row in train_rows],
-            "validation": [row for _, row in val_rows],
-            "test": [row for _, row in test_rows],
-        }
 
-    report.split_sizes = {name: len(final[name]) for name in SPLITS}
-    report.fingerprint = fingerprint(final, labels)
-    return PreparedData(
-        train=final["train"],
-        validation=final["validation"],
-        test=final["test"],
-        labels=labels,
-        report=report,
+def _classification(
+    spec: DataSpec,
+    prep: _Preparer,
+    train: _Split,
+    given: tuple[_Split | None, ...],
+    splits: dict[str, Numbered],
+) -> tuple[list[str], dict[str, list[Row]]]:
+    """The label list (given, or sorted from train), checked against every split; label
+    counts into the report; rows with label names replaced by their ids."""
+    labels = (
+        list(spec.labels)
+        if spec.labels is not None
+        else _sorted_labels(row["label"] for _, row in train.rows)
     )
+    if spec.labels is None:
+        known = set(labels)
+        for split in given:
+            if split is not None:
+                src = Source(split.source, Path(split.source))
+                for line, row in split.rows:
+                    prep._check_label(src, line, row["label"], known)
+    distinct = {row["label"] for _, row in splits["train"]}
+    if len(distinct) < 2:
+        raise InvalidDataError(
+            f"one-class data: the training rows have only the label {sorted(distinct)}; "
+            "expected at least 2 distinct labels for classification",
+            source=train.source,
+            field=spec.fields.label,
+        )
+    counts = {name: Counter(row["label"] for _, row in rows) for name, rows in splits.items()}
+    # Every label in id order, zeros included: a class missing from a split is worth seeing.
+    prep.report.label_counts = {
+        name: {label: c[label] for label in labels} for name, c in counts.items()
+    }
+    ids = {name: i for i, name in enumerate(labels)}
+    final = {
+        name: [{"text": row["text"], "label": ids[row["label"]]} for _, row in rows]
+        for name, rows in splits.items()
+    }
+    return labels, final
 
 
 def fingerprint(splits: dict[str, list[Row]], labels: list[str] | None) -> str:
