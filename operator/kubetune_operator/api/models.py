@@ -48,6 +48,11 @@ def _quantity(v: str, field: str) -> str:
     return v
 
 
+# Upper bound of every duration field: an absurd value (beyond int64, say) is an error, not
+# a job that never ends.
+TEN_YEARS = 10 * 365 * 24 * 3600
+
+
 class Toleration(WireModel):
     """A pod toleration, as in core/v1."""
 
@@ -58,7 +63,7 @@ class Toleration(WireModel):
         default=None, description="Taint effect to tolerate; empty tolerates all effects."
     )
     toleration_seconds: int | None = Field(
-        default=None, ge=0, description="How long a NoExecute taint is tolerated."
+        default=None, ge=0, le=TEN_YEARS, description="How long a NoExecute taint is tolerated."
     )
 
 
@@ -156,10 +161,13 @@ class RunPolicy(WireModel):
         default=3, ge=0, le=100, description="Gang restarts allowed on retryable failures."
     )
     active_deadline_seconds: int | None = Field(
-        default=None, ge=1, description="Fail the job (DeadlineExceeded) after this long running."
+        default=None,
+        ge=1,
+        le=TEN_YEARS,
+        description="Fail the job (DeadlineExceeded) after this long running.",
     )
     ttl_seconds_after_finished: int | None = Field(
-        default=None, ge=0, description="Delete the job this long after it finishes."
+        default=None, ge=0, le=TEN_YEARS, description="Delete the job this long after it finishes."
     )
     suspend: bool = Field(
         default=False,
