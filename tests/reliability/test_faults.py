@@ -293,7 +293,10 @@ def test_s3_unavailable_for_30s(env: Env) -> None:
 def test_node_not_ready(env: Env) -> None:
     cp, ns, operator, canary_s3 = env.cp, env.ns, env.op, env.s3
     name = "nodedown"
-    job = _job(name, canary_s3, 4, runPolicy={"backoffLimit": 3, "nodeFailureTolerationSeconds": 5})
+    # Long enough (about 30 s of training on a quiet 2-core box) that the eviction, some 10 s
+    # after the node goes NotReady, lands mid-run: with 4 epochs a fast machine finished first.
+    policy = {"backoffLimit": 3, "nodeFailureTolerationSeconds": 5}
+    job = _job(name, canary_s3, 16, runPolicy=policy)
     cp.apply(job, ns)
     step = env.checkpointed_step(name)
     node = _rank0(cp, ns, name)["spec"]["nodeName"]  # type: ignore[index]
