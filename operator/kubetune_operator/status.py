@@ -40,9 +40,6 @@ CANCELLED = "Cancelled"
 FAILED = "Failed"
 SPEC_CHANGE_REFUSED = "SpecChangeRefused"
 
-# A rank killed by SIGKILL (the kernel's OOM killer, the kubelet): the kernel's code, not one the
-# trainer chooses, so it is not in the trainer's table.
-SIGKILL_EXIT_CODE = 128 + 9
 # Pod-level reasons (kubelet, eviction, node lifecycle) that say nothing about the job itself.
 RETRYABLE_POD_REASONS = frozenset(
     {
@@ -212,8 +209,6 @@ def merge_patch(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str
 
 def _exit_reason(exit_code: int | None) -> str | None:
     """The reason an exit code stands for (kubetune_trainer.errors), for a failed rank."""
-    if exit_code == SIGKILL_EXIT_CODE:
-        return "Killed"
     if not exit_code:  # 0 is "Succeeded": never the reason of a failure
         return None
     return EXIT_REASONS.get(exit_code)

@@ -457,3 +457,19 @@ def test_modules_import_without_heavy_dependencies() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_every_retryable_or_permanent_exit_code_has_one_reason() -> None:
+    # The operator reads a rank's exit code through this table only (kubetune_trainer.errors).
+    from kubetune_trainer.errors import (
+        EXIT_CODES,
+        EXIT_REASONS,
+        KILLED_EXIT_CODE,
+        PERMANENT_EXIT_CODES,
+        RETRYABLE_EXIT_CODES,
+    )
+
+    assert EXIT_REASONS[KILLED_EXIT_CODE] == "Killed"
+    assert set(RETRYABLE_EXIT_CODES) | set(PERMANENT_EXIT_CODES) <= set(EXIT_REASONS)
+    assert not RETRYABLE_EXIT_CODES & PERMANENT_EXIT_CODES
+    assert all(EXIT_REASONS[code] == reason for reason, code in EXIT_CODES.items())

@@ -30,12 +30,8 @@ from __future__ import annotations
 import importlib
 import logging
 import re
-from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
-
-if TYPE_CHECKING:
-    pass
 
 from kubetune_trainer.telemetry.secrets import redact_secrets
 
@@ -52,7 +48,10 @@ EXIT_CODES: dict[str, int] = {
     "Interrupted": 143,
 }
 PERMANENT_REASONS: frozenset[str] = frozenset({"InvalidSpec", "InvalidData"})
-RETRYABLE_EXIT_CODES: frozenset[int] = frozenset({4, 5, 137, 143})
+# SIGKILL (the kernel's OOM killer, the kubelet): a code the trainer never chooses, so it sits
+# beside the table rather than in it.
+KILLED_EXIT_CODE = 128 + 9
+RETRYABLE_EXIT_CODES: frozenset[int] = frozenset({4, 5, KILLED_EXIT_CODE, 143})
 
 
 class TrainingInterrupted(Exception):
@@ -139,5 +138,8 @@ def classify_failure(exc: BaseException) -> tuple[str, str, int]:
 
 
 # Derived views of the table, for the operator's reading of a pod's exit code.
-EXIT_REASONS: dict[int, str] = {code: reason for reason, code in EXIT_CODES.items()}
+EXIT_REASONS: dict[int, str] = {
+    **{code: reason for reason, code in EXIT_CODES.items()},
+    KILLED_EXIT_CODE: "Killed",
+}
 PERMANENT_EXIT_CODES: frozenset[int] = frozenset(EXIT_CODES[r] for r in PERMANENT_REASONS)
