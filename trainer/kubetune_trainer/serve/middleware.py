@@ -7,21 +7,20 @@ in-flight count covers a whole SSE stream.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kubetune_trainer.serve.metrics import ServeMetrics
+from kubetune_trainer.serve.schemas import ErrorDetail, ErrorResponse
 from kubetune_trainer.serve.state import TASK_ENDPOINTS, ServerState
 
 
 def error_body(
     message: str, type_: str, param: str | None = None, code: str | None = None
 ) -> bytes:
-    payload: dict[str, Any] = {
-        "error": {"message": message, "type": type_, "param": param, "code": code}
-    }
-    return json.dumps(payload).encode()
+    # The one error shape (schemas.ErrorResponse), as the route handlers' errors send it.
+    detail = ErrorDetail(message=message, type=type_, param=param, code=code)
+    return json.dumps(ErrorResponse(error=detail).model_dump(mode="json")).encode()
 
 
 async def send_error(
