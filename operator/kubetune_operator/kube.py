@@ -281,10 +281,14 @@ def emit_event(job: Obj, type_: str, reason: str, message: str) -> None:
         log.warning("could not post event %s on %s/%s: %s", reason, ns, meta["name"], exc)
 
 
-def list_events(namespace: str, name: str) -> list[Obj]:
+def list_events(namespace: str, name: str, kind: str = KIND) -> list[Obj]:
     result = request(
         "GET",
         collection_path("Event", namespace),
-        query={"fieldSelector": f"involvedObject.name={name},involvedObject.kind={KIND}"},
+        query={"fieldSelector": f"involvedObject.name={name},involvedObject.kind={kind}"},
     )
     return list(result.get("items") or [])
+
+
+def list_nodes() -> list[Obj]:
+    return list(request("GET", "/api/v1/nodes").get("items") or [])

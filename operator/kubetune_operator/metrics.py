@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 
 from kubetune_operator.api.models import Phase
@@ -46,6 +48,41 @@ time_to_running_seconds = Histogram(
     buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
     registry=registry,
 )
+
+
+class _GpuSeconds:
+    """kubetune_job_gpu_seconds_total{namespace,job}: each job's GPU-seconds as status.usage
+    counts them (over every attempt), so the counter continues across operator restarts."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, str], float] = {}
+        self.lock = threading.Lock()
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "kubetune_job_gpu_seconds",
+            "GPUs x seconds the job's rank pods ran, over all attempts.",
+            labels=["namespace", "job"],
+        )
+        with self.lock:
+            for (namespace, job), value in sorted(self.values.items()):
+                family.add_metric([namespace, job], value)
+        yield family
+
+
+gpu_seconds = _GpuSeconds()
+registry.register(gpu_seconds)
+
+
+def observe_gpu_seconds(namespace: str, job: str, value: float | None) -> None:
+    """A job's GPU-seconds so far (None: the job is gone); never goes down while it exists."""
+    with gpu_seconds.lock:
+        key = (namespace, job)
+        if value is None:
+            gpu_seconds.values.pop(key, None)
+        else:
+            gpu_seconds.values[key] = max(value, gpu_seconds.values.get(key, 0.0))
+
 
 _phases: dict[str, str] = {}
 _phase_lock = threading.Lock()

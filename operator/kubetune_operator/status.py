@@ -39,6 +39,7 @@ SUSPENDED = "Suspended"
 CANCELLED = "Cancelled"
 FAILED = "Failed"
 SPEC_CHANGE_REFUSED = "SpecChangeRefused"
+QUEUED = "Queued"
 
 # Pod-level reasons (kubelet, eviction, node lifecycle) that say nothing about the job itself.
 RETRYABLE_POD_REASONS = frozenset(
@@ -65,6 +66,9 @@ MUTABLE_RUN_POLICY = (
     "backoffLimit",
     "activeDeadlineSeconds",
     "ttlSecondsAfterFinished",
+    "queueTimeoutSeconds",
+    "gangTimeoutSeconds",
+    "maxGpuHours",
 )
 
 
@@ -263,45 +267,6 @@ def classify_failure(pod: Mapping[str, Any]) -> Failure | None:
     if phase == "Failed" and status.get("reason") in RETRYABLE_POD_REASONS:
         reason = str(status["reason"])
     return Failure(name, node, exit_code, reason, _tail(text), True)
-
-
-# What the scheduler says when no node fits a rank -> the spec field that asks for too much.
-_UNSCHEDULABLE_FIELDS = (
-    ("nvidia.com/gpu", "spec.resources.gpusPerNode"),
-    ("Insufficient cpu", "spec.resources.cpu"),
-    ("Insufficient memory", "spec.resources.memory"),
-    ("node selector", "spec.resources.nodeSelector"),
-    ("node affinity", "spec.resources.nodeSelector"),
-    ("taint", "spec.resources.tolerations"),
-    ("Too many pods", "spec.resources.nodes"),
-)
-
-
-def unschedulable(pod: Mapping[str, Any], now: datetime, timeout: float) -> Failure | None:
-    """A rank the scheduler has not been able to place for `timeout` seconds, or None.
-
-    Not retryable: a gang restart asks for the same resources again. The message names the
-    spec field the scheduler complains about (GPUs, CPU, memory, node selector, taints).
-    """
-    for cond in (pod.get("status") or {}).get("conditions") or []:
-        if (cond.get("type"), cond.get("status"), cond.get("reason")) != (
-            "PodScheduled",
-            "False",
-            "Unschedulable",
-        ):
-            continue
-        since = parse_time(cond.get("lastTransitionTime"))
-        if since is None or (now - since).total_seconds() < timeout:
-            return None
-        text = str(cond.get("message") or "").strip()
-        fields = sorted({f for needle, f in _UNSCHEDULABLE_FIELDS if needle in text})
-        msg = (
-            f"{', '.join(fields) or 'spec.resources'}: no node could run this rank for "
-            f"{timeout:g}s ({text}); ask for what one node has, or add capacity"
-        )
-        name = str((pod.get("metadata") or {}).get("name", ""))
-        return Failure(name, "", None, "Unschedulable", msg, False)  # never on a node
-    return None
 
 
 # Pod fields the operator fills from spec.resources: the API server names the pod's field.

@@ -25,6 +25,7 @@ from kubetune_operator.reconcile import executor
 from kubetune_operator.reconcile.plan import (
     ANN_ATTEMPT,
     ANN_LAUNCHED_SPEC,
+    ANN_NEXT_LAUNCH,
     ANN_SPEC_HASH,
     needs,
     plan,
@@ -39,12 +40,15 @@ from kubetune_operator.reconcile.plan_types import (
     GateResult,
     Needs,
     Plan,
+    QuotaRefusal,
     RankRunning,
     Rejection,
     Sample,
     SecretRead,
     Settings,
+    UsageSample,
 )
+from kubetune_operator.reconcile.scheduling import NodeInfo
 from kubetune_operator.reconcile.state import JobState
 from kubetune_trainer.config import FinalReport, GateVerdict
 
@@ -152,6 +156,86 @@ kubetune_eval_metric{job="demo",metric="loss",split="validation"} 1.5
 ATTEMPT_1 = {ANN_ATTEMPT: "1"}
 
 
+QUOTA_403 = json.dumps(
+    {
+        "kind": "Status",
+        "status": "Failure",
+        "message": 'pods "demo-rank-1" is forbidden: exceeded quota: team-gpus, requested: '
+        "requests.nvidia.com/gpu=1, used: requests.nvidia.com/gpu=1, limited: "
+        "requests.nvidia.com/gpu=1",
+        "reason": "Forbidden",
+        "code": 403,
+    }
+)
+VALID = cond("Validated", "True", "Valid")
+NODES = {f"node-{i}": NodeInfo(f"node-{i}", ready=True, since=ago(999), gpus=1) for i in range(3)}
+
+
+def pending(rank: int) -> Obj:
+    """A rank the scheduler cannot place."""
+    p = pod(rank, "Pending")
+    p["spec"] = {}
+    p["status"] = {
+        "phase": "Pending",
+        "conditions": [
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+                "lastTransitionTime": ago(50),
+            }
+        ],
+    }
+    return p
+
+
+def gpu_pod(rank: int, seconds: float) -> Obj:
+    """A running rank with one GPU whose container started `seconds` ago."""
+    p = pod(rank)
+    p["metadata"]["uid"] = f"uid-{rank}"
+    p["spec"]["containers"] = [
+        {"name": "trainer", "resources": {"limits": {"nvidia.com/gpu": "1"}}}
+    ]
+    p["status"]["containerStatuses"] = [{"state": {"running": {"startedAt": ago(seconds)}}}]
+    return p
+
+
+def _interrupted(p: Plan, restarts: int) -> None:
+    assert p.status.interruptions == 1 and p.status.restarts == restarts
+    assert p.status.last_failure is None  # not a failure
+    assert GangRestarted("ns") not in p.observations
+
+
+def _since(p: Plan, seconds: float) -> None:
+    queued = st.get_condition(p.status, "Queued")
+    assert queued is not None and queued.last_transition_time == ago(seconds)
+
+
+def _released(p: Plan) -> None:
+    assert p.status.gang_releases == 1 and p.status.restarts == 0
+    note = next(a for a in p.actions if isinstance(a, Annotate))
+    when = st.parse_time(note.annotations[ANN_NEXT_LAUNCH])
+    assert when is not None and p.requeue is not None
+    # base 10 s plus up to 50% jitter, and the annotation says the same time
+    assert 10.0 <= p.requeue < 15.0
+    assert abs((when - NOW).total_seconds() - p.requeue) < 1.0
+
+
+def _quota_backoff(p: Plan) -> None:
+    assert p.requeue is not None and 5.0 <= p.requeue <= 6.25
+    queued = st.get_condition(p.status, "Queued")
+    assert queued is not None and "limited requests.nvidia.com/gpu=1" in queued.message
+    usage = p.status.usage
+    assert usage is not None and usage.attempts == 0  # a refused launch is no attempt
+
+
+def _budget(p: Plan) -> None:
+    usage = p.status.usage
+    assert usage is not None and usage.gpu_seconds == 60.0 and usage.attempts == 0
+    assert set(usage.open_pods) == {"uid-0", "uid-1"}
+
+
 @dataclass
 class Row:
     id: str
@@ -173,6 +257,11 @@ def describe(action: Action) -> str:
     return text
 
 
+def _obs(p: Plan) -> list[Any]:
+    """The plan's observations but the usage sample every pass carries."""
+    return [o for o in p.observations if not isinstance(o, UsageSample)]
+
+
 def _fresh(p: Plan) -> None:
     pods = [a.manifest for a in p.actions if isinstance(a, Apply) and a.kind == "Pod"]
     assert {x["metadata"]["labels"]["kubetune.io/attempt"] for x in pods} == {"1"}
@@ -188,11 +277,11 @@ def _progress(p: Plan) -> None:
     assert prog is not None and (prog.step, prog.percent, prog.eta_seconds) == (30, 25, 45)
     assert p.status.metrics == {"train_loss": 1.25, "validation_loss": 1.5}
     assert [c.uri for c in p.status.checkpoints] == ["s3://runs/kt/ns/demo/checkpoints/step-20"]
-    assert p.observations == [RankRunning(120.0)]
+    assert _obs(p) == [RankRunning(120.0)]
 
 
 def _restart(p: Plan) -> None:
-    assert p.status.restarts == 1 and p.observations == [GangRestarted("ns")]
+    assert p.status.restarts == 1 and _obs(p) == [GangRestarted("ns")]
     failure = p.status.last_failure
     assert failure is not None and (failure.pod, failure.exit_code) == ("demo-rank-1", 137)
 
@@ -218,7 +307,7 @@ def _gates_pass(p: Plan) -> None:
     assert p.status.metrics == {"test_loss": 1.5}  # nulls skipped
     assert p.status.endpoint == "http://demo-serve.ns.svc:8080"
     assert p.status.model_uri == "s3://runs/kt/ns/demo/model"
-    assert p.observations == [GateResult(True)]
+    assert _obs(p) == [GateResult(True)]
     # No scrape ever reached rank 0 (status had no progress): the report's steps fill it in.
     prog = p.status.progress
     assert prog is not None and (prog.percent, prog.step, prog.total_steps) == (100, 118, 120)
@@ -230,7 +319,7 @@ def _gates_fail(p: Plan) -> None:
     evaluated = st.get_condition(p.status, "Evaluated")
     assert evaluated is not None
     assert evaluated.message == "gates failed: loss=1.5 (needs < 0.1) FAIL"
-    assert p.observations == [GateResult(False)]
+    assert _obs(p) == [GateResult(False)]
 
 
 def _invalid(p: Plan) -> None:
@@ -358,19 +447,19 @@ ROWS = [
         check=_permanent,
     ),
     Row(
-        "rank lost: a gang restart",
+        "rank removed by someone else: an interruption, not a failure",
         job=job(annotations=ATTEMPT_1),
         status=launched(),
         children=Children(rank_pods=[pod(0)]),
-        phase="Restarting",
-        conditions={"Launched": ("False", "GangRestart")},
+        phase="Queued",
+        conditions={"Launched": ("False", "Interrupted"), "Queued": ("True", "Interrupted")},
         actions=["delete Pod/demo-rank-0 grace=30"],
         events=[
-            ("Normal", "RanksDeleted", "deleted 1 rank pod(s)"),
-            ("Warning", "GangRestart", "demo-rank-1 failed: PodLost"),
-            ("Warning", "PodLost", "Restarting: "),
+            ("Warning", "Interrupted", "interruption 1: demo-rank-1: the rank pod was removed"),
+            ("Normal", "Interrupted", "Queued: demo-rank-1"),
         ],
-        requeue=10.0,
+        requeue=2.0,
+        check=lambda p: _interrupted(p, restarts=0),
     ),
     Row(
         "the whole gang vanished after launch: re-create this attempt",
@@ -610,6 +699,210 @@ ROWS = [
         ],
         check=_invalid,
     ),
+    # ---------------------------------------------------------------- sharing the cluster
+    Row(
+        "preempted rank: Queued/Interrupted with the scheduler's words, backoffLimit untouched",
+        job=job({"runPolicy": {"backoffLimit": 0}}, ATTEMPT_1),
+        status=launched(),
+        children=Children(
+            rank_pods=[pod(0, deletionTimestamp=ago(1)), pod(1)],
+            pod_events={"demo-rank-0": [("Preempted", "Preempted by ns/urgent on node node-0")]},
+        ),
+        phase="Queued",
+        conditions={"Launched": ("False", "Interrupted"), "Queued": ("True", "Interrupted")},
+        actions=["delete Pod/demo-rank-1 grace=30"],
+        events=[
+            ("Warning", "Interrupted", "demo-rank-0: Preempted: Preempted by ns/urgent"),
+            ("Normal", "Interrupted", "Queued: demo-rank-0"),
+        ],
+        requeue=2.0,
+        check=lambda p: _interrupted(p, restarts=0),
+    ),
+    Row(
+        "rank exited 143 after its SIGTERM checkpoint: an interruption",
+        job=job(annotations=ATTEMPT_1),
+        status=launched(),
+        children=Children(
+            rank_pods=[
+                pod(0, "Failed", terminated={"exitCode": 143, "message": "Interrupted: x"}),
+                pod(1),
+            ]
+        ),
+        phase="Queued",
+        conditions={"Launched": ("False", "Interrupted")},
+        actions=["delete Pod/demo-rank-1 grace=30"],
+        events=[
+            ("Warning", "Interrupted", "saved a checkpoint and exited 143"),
+            ("Normal", "Interrupted", "Queued: "),
+        ],
+        requeue=2.0,
+        check=lambda p: _interrupted(p, restarts=0),
+    ),
+    Row(
+        "no node has room: Queued/WaitingForCapacity, the scheduler's message and the field",
+        job=job({"resources": {"gpusPerNode": 1}}, ATTEMPT_1),
+        status=launched(),
+        children=Children(rank_pods=[pending(0), pending(1)], nodes=NODES),
+        phase="Queued",
+        conditions={"Queued": ("True", "WaitingForCapacity")},
+        actions=[],
+        events=[
+            (
+                "Normal",
+                "WaitingForCapacity",
+                "Queued: 2/2 rank(s) waiting for capacity (spec.resources.gpusPerNode): "
+                "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+            )
+        ],
+        requeue=10.0,
+    ),
+    Row(
+        "queued past spec.runPolicy.queueTimeoutSeconds: Failed naming the field",
+        job=job(
+            {"resources": {"gpusPerNode": 1}, "runPolicy": {"queueTimeoutSeconds": 30}}, ATTEMPT_1
+        ),
+        status=launched(cond("Queued", "True", "WaitingForCapacity", since=31), phase="Queued"),
+        children=Children(rank_pods=[pending(0), pending(1)], nodes=NODES),
+        phase="Failed",
+        conditions={"Failed": ("True", "Unschedulable"), "Queued": ("False", "Unschedulable")},
+        actions=["delete Pod/demo-rank-0 grace=0", "delete Pod/demo-rank-1 grace=0"],
+        events=[
+            ("Normal", "RanksDeleted", "deleted 2 rank pod(s)"),
+            ("Warning", "Unschedulable", "queued longer than 30s (spec.runPolicy.queueTimeout"),
+        ],
+    ),
+    Row(
+        "queued a day with no timeout set anywhere: still waiting",
+        job=job({"resources": {"gpusPerNode": 1}}, ATTEMPT_1),
+        status=launched(cond("Queued", "True", "WaitingForCapacity", since=86400), phase="Queued"),
+        children=Children(rank_pods=[pending(0), pending(1)], nodes=NODES),
+        phase="Queued",
+        conditions={"Queued": ("True", "WaitingForCapacity")},
+        actions=[],
+        events=[],
+        requeue=10.0,
+        check=lambda p: _since(p, 86400),
+    ),
+    Row(
+        "partial gang past gangTimeoutSeconds: released (not a failure), relaunch after back-off",
+        job=job({"resources": {"gpusPerNode": 1}}, ATTEMPT_1),
+        status=launched(launch=cond("Launched", "True", "Launched", since=121)),
+        children=Children(rank_pods=[pod(0), pending(1)], nodes=NODES),
+        phase="Queued",
+        conditions={
+            "Launched": ("False", "GangReleased"),
+            "Queued": ("True", "WaitingForCapacity"),
+        },
+        actions=[
+            "delete Pod/demo-rank-0 grace=0",
+            "delete Pod/demo-rank-1 grace=0",
+            "annotate FineTuneJob/demo",
+        ],
+        events=[
+            ("Normal", "WaitingForCapacity", "Queued: 1/2 rank(s) waiting"),
+            ("Normal", "RanksDeleted", "deleted 2 rank pod(s)"),
+            ("Normal", "GangReleased", "only 1/2 rank(s) placed after gangTimeoutSeconds=120"),
+        ],
+        requeue=pytest.approx(10.86, abs=0.01),  # 10 s base, jitter fixed by the job's name
+        check=_released,
+    ),
+    Row(
+        "partial gang within gangTimeoutSeconds: keeps its ranks and waits",
+        job=job({"resources": {"gpusPerNode": 1}}, ATTEMPT_1),
+        status=launched(
+            cond("Queued", "True", "WaitingForCapacity", since=60),
+            launch=cond("Launched", "True", "Launched", since=115),
+            phase="Queued",
+        ),
+        children=Children(rank_pods=[pod(0), pending(1)], nodes=NODES),
+        phase="Queued",
+        actions=[],
+        events=[],
+        requeue=5.0,
+    ),
+    Row(
+        "more GPUs per node than any node has: Failed at once, naming gpusPerNode",
+        job=job({"resources": {"gpusPerNode": 4}}, ATTEMPT_1),
+        status=launched(),
+        children=Children(rank_pods=[pending(0), pending(1)], nodes=NODES),
+        phase="Failed",
+        conditions={"Failed": ("True", "Unschedulable")},
+        actions=["delete Pod/demo-rank-0 grace=0", "delete Pod/demo-rank-1 grace=0"],
+        events=[
+            ("Normal", "RanksDeleted", "deleted 2 rank pod(s)"),
+            ("Warning", "Unschedulable", "spec.resources.gpusPerNode=4: no node has that many"),
+        ],
+    ),
+    Row(
+        "a ResourceQuota refused rank 1: rank 0 given back, Queued/QuotaExceeded, back-off",
+        job=job({"resources": {"gpusPerNode": 1}}),
+        status={"phase": "Pending", "observedGeneration": 1, "conditions": [VALID]},
+        children=Children(quota=QuotaRefusal(QUOTA_403, ("demo-rank-0",))),
+        phase="Queued",
+        conditions={"Queued": ("True", "QuotaExceeded"), "Launched": ("False", "QuotaExceeded")},
+        actions=["delete Pod/demo-rank-0 grace=0", "annotate FineTuneJob/demo"],
+        events=[
+            (
+                "Normal",
+                "QuotaExceeded",
+                "Queued: ResourceQuota team-gpus is full for requests.nvidia.com/gpu",
+            )
+        ],
+        requeue=pytest.approx(5.31, abs=0.01),  # 5 s at first, jitter fixed by the name
+        check=_quota_backoff,
+    ),
+    Row(
+        "a back-off is running (next-launch annotation): no launch yet",
+        job=job(annotations={**ATTEMPT_1, ANN_NEXT_LAUNCH: st.now_rfc3339(NOW + timedelta(30))}),
+        status=launched(launch=cond("Launched", "False", "GangReleased"), phase="Queued"),
+        phase="Queued",
+        actions=[],
+        events=[],
+        requeue=30.0 * 86400,
+    ),
+    Row(
+        "old rank stuck terminating on a node lost past the toleration: force-deleted",
+        job=job(annotations=ATTEMPT_1),
+        status=launched(launch=cond("Launched", "False", "Interrupted"), phase="Queued"),
+        children=Children(
+            rank_pods=[pod(0, deletionTimestamp=ago(5)), pod(1, deletionTimestamp=ago(5))],
+            nodes={"node-0": NodeInfo("node-0", ready=False, since=ago(61), gpus=1)},
+        ),
+        phase="Queued",
+        actions=["delete Pod/demo-rank-0 grace=0", "delete Pod/demo-rank-1 grace=0"],
+        events=[
+            ("Warning", "RankForceDeleted", "stuck terminating on lost node node-0"),
+            ("Warning", "RankForceDeleted", "demo-rank-1"),
+        ],
+        requeue=2.0,
+    ),
+    Row(
+        "old rank terminating on a node NotReady for less than the toleration: wait",
+        job=job(annotations=ATTEMPT_1),
+        status=launched(launch=cond("Launched", "False", "Interrupted"), phase="Queued"),
+        children=Children(
+            rank_pods=[pod(0, deletionTimestamp=ago(5))],
+            nodes={"node-0": NodeInfo("node-0", ready=False, since=ago(30), gpus=1)},
+        ),
+        phase="Queued",
+        actions=[],
+        events=[],
+        requeue=2.0,
+    ),
+    Row(
+        "maxGpuHours spent: ranks stop with their own grace, Failed BudgetExceeded",
+        job=job({"resources": {"gpusPerNode": 1}, "runPolicy": {"maxGpuHours": 0.01}}, ATTEMPT_1),
+        status=launched(),
+        children=Children(rank_pods=[gpu_pod(0, 30), gpu_pod(1, 30)]),
+        phase="Failed",
+        conditions={"Failed": ("True", "BudgetExceeded")},
+        actions=["delete Pod/demo-rank-0", "delete Pod/demo-rank-1"],
+        events=[
+            ("Normal", "RanksDeleted", "deleted 2 rank pod(s)"),
+            ("Warning", "BudgetExceeded", "used 0.01667 GPU-hours of spec.runPolicy.maxGpuHours"),
+        ],
+        check=_budget,
+    ),
 ]
 
 
@@ -638,12 +931,17 @@ def test_plan(row: Row) -> None:
 
 NEEDS = [
     ("fresh job: rank pods and the Secret", job(), {}, Needs(rank_pods=True, secret="s3-creds")),
-    ("validated this generation: no Secret", job(), launched(), Needs(rank_pods=True)),
+    (
+        "validated this generation: no Secret",
+        job(),
+        launched(),
+        Needs(rank_pods=True, launched=True),
+    ),
     (
         "trained, deploying: the Deployment too",
         job({"inference": {"enabled": True}}),
         launched(cond("Trained", "True", "Completed")),
-        Needs(rank_pods=True, deployment=True),
+        Needs(rank_pods=True, deployment=True, launched=True),
     ),
     # A name too long for a label value would make the pod list itself fail (HTTP 400).
     ("invalid spec: nothing", _named("x" * 70), {}, Needs()),

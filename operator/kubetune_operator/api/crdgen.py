@@ -129,6 +129,7 @@ def build_crd() -> dict[str, Any]:
             },
             {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
             {"name": "Eval", "type": "string", "jsonPath": ".status.evalSummary"},
+            {"name": "GPU-h", "type": "number", "jsonPath": ".status.usage.gpuHours"},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
         "schema": {

@@ -28,6 +28,7 @@ _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
 
 Phase = Literal[
     "Pending",
+    "Queued",
     "Running",
     "Restarting",
     "Evaluating",
@@ -183,7 +184,45 @@ class RunPolicy(WireModel):
         le=3600,
         description=(
             "How long ranks stay bound to a NotReady or unreachable node before Kubernetes evicts"
-            " them and the job gang-restarts elsewhere (Kubernetes' own default is 300)."
+            " them and the job restarts elsewhere (Kubernetes' own default is 300); a rank still"
+            " Terminating on a lost node after this long is force-deleted."
+        ),
+    )
+    queue_timeout_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=TEN_YEARS,
+        description=(
+            "How long the job may wait Queued (no capacity, quota exceeded) before it fails;"
+            " unset: the operator's default (the chart's scheduling.queueTimeoutSeconds),"
+            " unlimited when that is unset too."
+        ),
+    )
+    gang_timeout_seconds: int = Field(
+        default=120,
+        ge=1,
+        le=86400,
+        description=(
+            "If not every rank of an attempt is scheduled within this long, release the partial"
+            " gang and requeue with back-off (not a failure; backoffLimit is untouched)."
+        ),
+    )
+    checkpoint_grace_seconds: int = Field(
+        default=300,
+        ge=1,
+        le=86400,
+        description=(
+            "The rank pods' termination grace period: time to save a checkpoint after SIGTERM"
+            " (preemption, drain, suspend, cancel, budget)."
+        ),
+    )
+    max_gpu_hours: float | None = Field(
+        default=None,
+        gt=0,
+        le=1e7,
+        description=(
+            "GPU-hour budget over all attempts; when spent, the ranks checkpoint and stop and"
+            " the job fails with BudgetExceeded."
         ),
     )
 
@@ -297,6 +336,38 @@ class FailureInfo(WireModel):
     message: str | None = Field(default=None, description="Termination message.")
 
 
+class PodUsage(WireModel):
+    """One rank pod's share of the usage, as of the last update."""
+
+    gpu_seconds: float = Field(default=0.0, description="GPUs x seconds this pod ran.")
+    price: float | None = Field(default=None, description="Price per GPU-hour on its node.")
+
+
+class Usage(WireModel):
+    """What the job has used so far, over every attempt (failed and interrupted ones too)."""
+
+    gpu_seconds: float = Field(
+        default=0.0, description="GPUs x seconds each rank pod ran, summed over all attempts."
+    )
+    gpu_hours: float = Field(default=0.0, description="gpuSeconds / 3600, rounded.")
+    closed_gpu_seconds: float = Field(
+        default=0.0, description="The part of gpuSeconds from rank pods that are gone."
+    )
+    closed_cost: float = Field(default=0.0, description="The part of the cost from pods gone.")
+    open_pods: dict[str, PodUsage] = Field(
+        default_factory=dict,
+        description="Rank pods that still exist (uid -> their usage at the last update).",
+    )
+    wall_seconds: float = Field(default=0.0, description="Seconds since training first started.")
+    attempts: int = Field(default=0, description="Gangs launched (every attempt counts).")
+    interruptions: int = Field(default=0, description="Attempts Kubernetes took away.")
+    estimated_cost: float | None = Field(
+        default=None, description="GPU-hours x the configured price (absent when unpriced)."
+    )
+    currency: str | None = Field(default=None, description="Currency of estimatedCost.")
+    updated: str | None = Field(default=None, description="When usage was last written.")
+
+
 class FineTuneJobStatus(WireModel):
     """Observed state of a FineTuneJob. Owned by the operator."""
 
@@ -317,7 +388,14 @@ class FineTuneJobStatus(WireModel):
     checkpoints: list[CheckpointRef] = Field(
         default_factory=list, description="Checkpoints known to exist in the store."
     )
-    restarts: int = Field(default=0, description="Gang restarts so far.")
+    restarts: int = Field(default=0, description="Gang restarts after failures so far.")
+    interruptions: int = Field(
+        default=0, description="Times Kubernetes took a rank away (preemption, eviction)."
+    )
+    gang_releases: int = Field(
+        default=0, description="Partial gangs released after gangTimeoutSeconds."
+    )
+    usage: Usage | None = Field(default=None, description="GPU-seconds, attempts and cost.")
     last_failure: FailureInfo | None = Field(default=None, description="The last rank failure.")
     model_uri: str | None = Field(default=None, description="Where the final model is.")
     endpoint: str | None = Field(default=None, description="In-cluster URL of the inference API.")

@@ -26,8 +26,10 @@ from kubetune_operator.builders.common import (
 DEFAULT_IMAGE = "ghcr.io/kubetune/trainer"
 MASTER_PORT = 29500
 METRICS_PORT = 9400
-# Long enough for the trainer to save and upload a final checkpoint after SIGTERM.
-TERMINATION_GRACE_SECONDS = 300
+# The trainer reads these: the gang attempt (checkpoints carry it; the store's fence refuses a
+# stale attempt) and the grace it has for a SIGTERM checkpoint (it warns when saves take longer).
+ATTEMPT_ENV = "KUBETUNE_ATTEMPT"
+GRACE_ENV = "KUBETUNE_CHECKPOINT_GRACE_SECONDS"
 CONTAINER = "trainer"
 
 
@@ -79,7 +81,7 @@ def trainer_command(job: FineTuneJob) -> list[str]:
     ]
 
 
-def _rank_env(job: FineTuneJob, rank: int) -> list[Obj]:
+def _rank_env(job: FineTuneJob, rank: int, attempt: int) -> list[Obj]:
     name, res = job.metadata.name, job.spec.resources
     return [
         {"name": "MASTER_ADDR", "value": f"{pod_name(name, 0)}.{headless_service_name(name)}"},
@@ -87,6 +89,8 @@ def _rank_env(job: FineTuneJob, rank: int) -> list[Obj]:
         {"name": "NNODES", "value": str(res.nodes)},
         {"name": "NODE_RANK", "value": str(rank)},
         {"name": "NPROC_PER_NODE", "value": str(max(1, res.gpus_per_node))},
+        {"name": ATTEMPT_ENV, "value": str(attempt)},
+        {"name": GRACE_ENV, "value": str(job.spec.run_policy.checkpoint_grace_seconds)},
         {
             "name": "KUBETUNE_CONFIG",
             "valueFrom": {"configMapKeyRef": {"name": config_map_name(name), "key": CONFIG_KEY}},
@@ -96,7 +100,7 @@ def _rank_env(job: FineTuneJob, rank: int) -> list[Obj]:
     ]
 
 
-def _trainer_container(job: FineTuneJob, rank: int, image: str) -> Obj:
+def _trainer_container(job: FineTuneJob, rank: int, attempt: int, image: str) -> Obj:
     res = job.spec.resources
     limits: Obj = {"cpu": res.cpu, "memory": res.memory}
     if res.gpus_per_node > 0:
@@ -105,7 +109,7 @@ def _trainer_container(job: FineTuneJob, rank: int, image: str) -> Obj:
         "name": CONTAINER,
         "image": image,
         "command": trainer_command(job),
-        "env": _rank_env(job, rank),
+        "env": _rank_env(job, rank, attempt),
         "ports": [
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
             {"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"},
@@ -132,11 +136,12 @@ def build_rank_pod(
         "restartPolicy": "Never",
         "hostname": pod_name(name, rank),
         "subdomain": headless_service_name(name),
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        # Long enough for the trainer to save and upload a final checkpoint after SIGTERM.
+        "terminationGracePeriodSeconds": job.spec.run_policy.checkpoint_grace_seconds,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(),
-        "containers": [_trainer_container(job, rank, image)],
+        "containers": [_trainer_container(job, rank, attempt, image)],
     }
     if res.node_selector:
         spec["nodeSelector"] = dict(res.node_selector)

@@ -71,11 +71,12 @@ def cmd_get(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps({"items": jobs}, indent=2))
         return 0
-    rows = [["NAMESPACE", "NAME", "PHASE", "PROGRESS", "LOSS", "EVAL", "AGE"]]
+    rows = [["NAMESPACE", "NAME", "PHASE", "PROGRESS", "LOSS", "EVAL", "GPU-H", "AGE"]]
     for job in jobs:
         s = job.get("status") or {}
         prog = s.get("progress") or {}
         loss = prog.get("loss")
+        gpu_hours = (s.get("usage") or {}).get("gpuHours")
         rows.append(
             [
                 job["metadata"]["namespace"],
@@ -84,6 +85,7 @@ def cmd_get(args: argparse.Namespace) -> int:
                 f"{prog['percent']}%" if "percent" in prog else "",
                 f"{loss:.4g}" if isinstance(loss, int | float) else "",
                 s.get("evalSummary") or "",
+                f"{gpu_hours:.3g}" if isinstance(gpu_hours, int | float) else "",
                 _age(job["metadata"].get("creationTimestamp")),
             ]
         )
@@ -120,6 +122,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"Eval:      {s.eval_summary}")
     if s.restarts:
         print(f"Restarts:  {s.restarts}")
+    if s.interruptions:
+        print(f"Interrupted: {s.interruptions} time(s) (preemption, eviction; not failures)")
+    queued = next((c for c in s.conditions if c.type == "Queued" and c.status == "True"), None)
+    if queued is not None:
+        print(f"Queued:    since {queued.last_transition_time}: {queued.reason}: {queued.message}")
+    if s.usage is not None:
+        u = s.usage
+        cost = f", cost ~{u.estimated_cost:.2f} {u.currency or ''}" if u.estimated_cost else ""
+        print(
+            f"Usage:     {u.gpu_hours:.4g} GPU-hours ({u.gpu_seconds:.0f} GPU-s), wall "
+            f"{u.wall_seconds:.0f}s, {u.attempts} attempt(s), {u.interruptions} "
+            f"interruption(s){cost}".rstrip()
+        )
     if s.last_failure is not None:
         f = s.last_failure
         print(

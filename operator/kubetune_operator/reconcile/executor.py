@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import urllib.request
 from dataclasses import replace
@@ -20,6 +21,7 @@ from kubetune_operator.api.models import FineTuneJob, FineTuneJobStatus
 from kubetune_operator.builders.common import rank_selector, serve_name
 from kubetune_operator.builders.pods import default_image
 from kubetune_operator.reconcile import plan as planner
+from kubetune_operator.reconcile import scheduling as sched
 from kubetune_operator.reconcile.checks import secret_name
 from kubetune_operator.reconcile.checks import validate_job as check_job
 from kubetune_operator.reconcile.plan_types import (
@@ -34,27 +36,47 @@ from kubetune_operator.reconcile.plan_types import (
     Obj,
     Orphan,
     Plan,
+    QuotaRefusal,
     RankRunning,
     Rejection,
     Sample,
     ScrapeTarget,
     SecretRead,
     Settings,
+    UsageSample,
 )
+from kubetune_operator.reconcile.scheduling import NodeInfo
 from kubetune_operator.reconcile.state import JobState
+from kubetune_operator.reconcile.usage import Pricing
 
 log = logging.getLogger("kubetune.controller")
 
 IMAGE_ENV = "KUBETUNE_TRAINER_IMAGE"
 BACKOFF_ENV = "KUBETUNE_RESTART_BACKOFF_SECONDS"
-# How long a rank may stay unschedulable (no node has what the spec asks for) before the job
-# fails; long enough for a cluster autoscaler to add a node.
-UNSCHEDULABLE_ENV = "KUBETUNE_UNSCHEDULABLE_TIMEOUT_SECONDS"
+# How long a job may wait Queued when its spec does not say; unset: forever (on an autoscaled
+# cluster a GPU node may appear only after a job asks for it). Chart: scheduling.*.
+QUEUE_TIMEOUT_ENV = "KUBETUNE_QUEUE_TIMEOUT_SECONDS"
+# Prices for status.usage.estimatedCost (chart: cost.*).
+PRICE_ENV = "KUBETUNE_GPU_HOUR_PRICE"
+PRICE_LABEL_ENV = "KUBETUNE_GPU_PRICE_NODE_LABEL"
+PRICES_ENV = "KUBETUNE_GPU_PRICES"
+CURRENCY_ENV = "KUBETUNE_COST_CURRENCY"
 SCRAPE_TIMEOUT = 2.0
+# Nodes are read only when a pass needs them (a rank waits or is being deleted, or prices
+# depend on node labels), and then shared by every job for this long.
+NODE_CACHE_SECONDS = 10.0
 
 
 class InvalidSpec(Exception):
     """The job was marked Failed/InvalidSpec; create/update handlers turn it into PermanentError."""
+
+
+class _QuotaRefused(Exception):
+    """A ResourceQuota refused a rank pod (403): the executor re-plans with the refusal."""
+
+    def __init__(self, refusal: QuotaRefusal) -> None:
+        super().__init__(refusal.body[:300])
+        self.refusal = refusal
 
 
 class _PodsRejected(Exception):
@@ -66,10 +88,24 @@ class _PodsRejected(Exception):
 
 
 def settings_from_env() -> Settings:
+    """The operator's configuration; a bad value fails loudly, naming the variable."""
+    env = os.environ
+    queue = (env.get(QUEUE_TIMEOUT_ENV) or "").strip()
+    try:
+        queue_timeout = float(queue) if queue else None
+    except ValueError:
+        raise ValueError(f"{QUEUE_TIMEOUT_ENV}={queue!r} is not a number of seconds") from None
+    pricing = Pricing.parse(
+        env.get(PRICE_ENV, ""),
+        env.get(PRICE_LABEL_ENV, ""),
+        env.get(PRICES_ENV, ""),
+        env.get(CURRENCY_ENV, ""),
+    )
     return Settings(
-        image=os.environ.get(IMAGE_ENV) or default_image(__version__),
-        restart_backoff=float(os.environ.get(BACKOFF_ENV, "10")),
-        unschedulable_timeout=float(os.environ.get(UNSCHEDULABLE_ENV, "600")),
+        image=env.get(IMAGE_ENV) or default_image(__version__),
+        restart_backoff=float(env.get(BACKOFF_ENV, "10")),
+        queue_timeout=queue_timeout if queue_timeout and queue_timeout > 0 else None,
+        pricing=pricing,
     )
 
 
@@ -82,6 +118,7 @@ def reconcile(
         body = kube.get_job(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             metrics.observe_phase(f"{namespace}/{name}", None)
+            metrics.observe_gpu_seconds(namespace, name, None)
             return None
         status = _read_status(body)
         phase: str = status.phase
@@ -108,7 +145,7 @@ def _read_status(body: Obj) -> FineTuneJobStatus:
 def _pass(body: Obj, status: FineTuneJobStatus, state: JobState, scrape: bool) -> Plan:
     """Read what the plan needs, plan, act; then patch the status and post the events."""
     settings, now = settings_from_env(), datetime.now(UTC)
-    children = read_children(body, planner.needs(body, status))
+    children = read_children(body, planner.needs(body, status), settings.pricing)
     result = planner.plan(body, status, children, now, settings)
     if scrape and result.scrape is not None:
         sample = _sample(body, result.scrape, state)
@@ -122,6 +159,10 @@ def _pass(body: Obj, status: FineTuneJobStatus, state: JobState, scrape: bool) -
         children = replace(children, rejection=err.rejection)
         result = planner.plan(body, status, children, now, settings)
         perform(namespace, result.actions)
+    except _QuotaRefused as err:
+        children = replace(children, quota=err.refusal)
+        result = planner.plan(body, status, children, now, settings)
+        perform(namespace, result.actions)
     _flush(body, status, result)
     _observe(result, state)
     return result
@@ -130,7 +171,7 @@ def _pass(body: Obj, status: FineTuneJobStatus, state: JobState, scrape: bool) -
 # --------------------------------------------------------------------------- reading
 
 
-def read_children(body: Obj, needs: Needs) -> Children:
+def read_children(body: Obj, needs: Needs, pricing: Pricing | None = None) -> Children:
     meta = body["metadata"]
     namespace, name = str(meta["namespace"]), str(meta["name"])
     pods = kube.list_pods(namespace, rank_selector(name)) if needs.rank_pods else []
@@ -138,7 +179,65 @@ def read_children(body: Obj, needs: Needs) -> Children:
     if needs.deployment:
         deployment = kube.get("Deployment", namespace, serve_name(name))
     secret = read_secret(namespace, needs.secret) if needs.secret else None
-    return Children(rank_pods=pods, deployment=deployment, secret=secret)
+    doomed = [p["metadata"]["name"] for p in pods if p["metadata"].get("deletionTimestamp")]
+    waiting = any(sched.unscheduled_message(p) is not None for p in pods)
+    priced = (
+        pricing is not None
+        and bool(pricing.by_label)
+        and any((p.get("spec") or {}).get("nodeName") for p in pods)
+    )
+    nodes = read_nodes() if (doomed or waiting or priced) else None
+    events: dict[str, list[tuple[str, str]]] = {}
+    if needs.launched:
+        taken = doomed + [
+            p["metadata"]["name"]
+            for p in pods
+            if sched.interruption(p, []) is not None and p["metadata"]["name"] not in doomed
+        ]
+        for pod in taken:
+            events[pod] = pod_events(namespace, pod)
+    return Children(
+        rank_pods=pods,
+        deployment=deployment,
+        secret=secret,
+        nodes=nodes,
+        pod_events=events,
+    )
+
+
+_nodes_cache: tuple[float, dict[str, NodeInfo]] | None = None
+_nodes_lock = threading.Lock()
+
+
+def read_nodes() -> dict[str, NodeInfo] | None:
+    """Every node (shared by all jobs for NODE_CACHE_SECONDS); None when the operator may not
+    read nodes (then dead-node clean-up and the never-fits check are off, nothing else)."""
+    global _nodes_cache
+    with _nodes_lock:
+        now = time.monotonic()
+        if _nodes_cache is not None and now - _nodes_cache[0] < NODE_CACHE_SECONDS:
+            return _nodes_cache[1]
+        try:
+            items = kube.list_nodes()
+        except kube.ApiError as err:
+            if err.status != 403:
+                raise
+            log.warning("no permission to list nodes: dead-node clean-up is off")
+            return None
+        nodes = {info.name: info for info in map(sched.node_info, items)}
+        _nodes_cache = (now, nodes)
+        return nodes
+
+
+def pod_events(namespace: str, pod: str) -> list[tuple[str, str]]:
+    """(reason, message) of the Events on a rank pod; none when Events may not be read."""
+    try:
+        items = kube.list_events(namespace, pod, kind="Pod")
+    except kube.ApiError as err:
+        if err.status != 403:
+            raise
+        return []
+    return [(str(e.get("reason") or ""), str(e.get("message") or "")) for e in items]
 
 
 def read_secret(namespace: str, name: str) -> SecretRead:
@@ -189,6 +288,8 @@ def perform(namespace: str, actions: list[Action]) -> None:
             try:
                 kube.apply(action.manifest)
             except kube.ApiError as err:
+                if action.kind == "Pod" and sched.is_quota_refusal(err.status, err.body):
+                    raise _QuotaRefused(QuotaRefusal(err.body, tuple(created))) from None
                 if err.status != 422 or action.kind != "Pod":
                     raise
                 raise _PodsRejected(Rejection(err.body, tuple(created))) from None
@@ -223,6 +324,8 @@ def _observe(result: Plan, state: JobState) -> None:
             metrics.restarts_total.labels(namespace=obs.namespace).inc()
         elif isinstance(obs, GateResult):
             metrics.gate_results_total.labels(result="pass" if obs.passed else "fail").inc()
+        elif isinstance(obs, UsageSample):
+            metrics.observe_gpu_seconds(obs.namespace, obs.name, obs.gpu_seconds)
         elif isinstance(obs, RankRunning) and state.first_running() and obs.seconds is not None:
             # once per job (first_running flips on its first call), for the first gang only
             metrics.time_to_running_seconds.observe(obs.seconds)

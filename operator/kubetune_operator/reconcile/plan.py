@@ -9,19 +9,24 @@ The steps, in order (the first that applies ends the pass):
   2. validate the spec (InvalidSpec ends the job)
   3. refuse changes to fields fixed at launch (the launched spec keeps running)
   4. cancel, 5. active deadline, 6. trained: deploy, 7. suspend
-  8. not launched: launch the gang (after the restart back-off); launched: watch the ranks
+  8. budget (maxGpuHours) spent: stop after a checkpoint
+  9. not launched: launch the gang (after its back-off); launched: watch the ranks, which
+     may be queued (no capacity, quota), interrupted (preempted, evicted), failed or done
+Usage (GPU-seconds, attempts, cost) is brought up to date at the end of every pass and written
+at transitions or once a minute (reconcile/usage.py).
 Decisions read conditions; the phase is derived for people, and every phase change is an Event.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from kubetune_operator import status as st
 from kubetune_operator.api.models import (
     TERMINAL_PHASES,
     CheckpointRef,
+    FailureInfo,
     FineTuneJob,
     FineTuneJobSpec,
     FineTuneJobStatus,
@@ -34,6 +39,8 @@ from kubetune_operator.builders.configmap import build_config_map
 from kubetune_operator.builders.pods import METRICS_PORT, build_rank_pods
 from kubetune_operator.builders.service import build_headless_service
 from kubetune_operator.builders.trainer_config import run_prefix
+from kubetune_operator.reconcile import scheduling as sched
+from kubetune_operator.reconcile import usage as usage_
 from kubetune_operator.reconcile.checks import describe, secret_name, validate_job
 from kubetune_operator.reconcile.plan_types import (
     Action,
@@ -49,11 +56,13 @@ from kubetune_operator.reconcile.plan_types import (
     Observation,
     Orphan,
     Plan,
+    QuotaRefusal,
     RankRunning,
     Rejection,
     Sample,
     ScrapeTarget,
     Settings,
+    UsageSample,
 )
 from kubetune_trainer.config import FinalReport
 
@@ -61,6 +70,9 @@ ANN_PREFIX = "kubetune.io"
 ANN_ATTEMPT = f"{ANN_PREFIX}/attempt"
 ANN_SPEC_HASH = f"{ANN_PREFIX}/spec-hash"
 ANN_LAUNCHED_SPEC = f"{ANN_PREFIX}/launched-spec"
+# Not before this time (RFC 3339) may the next gang launch: back-off after a quota refusal or a
+# released partial gang. An annotation, so the wait survives an operator restart.
+ANN_NEXT_LAUNCH = f"{ANN_PREFIX}/next-launch"
 # Grace for ranks of a gang that is being torn down after a failure: the survivors may be stuck
 # in a collective with the dead rank, so they get little time.
 GANG_TEARDOWN_GRACE = 30
@@ -80,6 +92,7 @@ class _Draft:
         self.requeue: float | None = None
         self.scrape: ScrapeTarget | None = None
         self.invalid_spec = False
+        self.launched_now = False  # a gang was launched this pass (a new attempt)
 
     @property
     def namespace(self) -> str:
@@ -148,6 +161,7 @@ def needs(job: Obj, status: FineTuneJobStatus) -> Needs:
         rank_pods=True,
         deployment=inference_on and st.is_true(status, st.TRAINED),
         secret=None if _secret_checked(job, status) else secret_name(job),
+        launched=st.is_true(status, st.LAUNCHED),
     )
 
 
@@ -158,7 +172,35 @@ def plan(
     what exists, the time. Pure: the same inputs give the same plan."""
     draft = _Draft(job, status.model_copy(deep=True), now, settings)
     _decide(draft, children)
+    if not draft.invalid_spec and (status.phase not in TERMINAL_PHASES):
+        _account(draft, children, force=draft.status.phase != status.phase)
     return draft.result()
+
+
+def _usage(d: _Draft, children: Children, force: bool = False) -> usage_.UsageUpdate:
+    s = d.status
+    prev = s.usage
+    attempts = (prev.attempts if prev else 0) + (1 if d.launched_now else 0)
+    labels = {n: info.label_map for n, info in (children.nodes or {}).items()}
+    return usage_.update(
+        prev,
+        children.rank_pods,
+        labels,
+        d.settings.pricing,
+        start_time=s.start_time,
+        end_time=s.completion_time,
+        now=d.now,
+        attempts=attempts,
+        interruptions=s.interruptions,
+        force=force,
+    )
+
+
+def _account(d: _Draft, children: Children, force: bool) -> None:
+    """Bring status.usage up to date (written when due) and export the live figure."""
+    update = _usage(d, children, force=force)
+    d.status.usage = update.usage
+    d.observations.append(UsageSample(d.namespace, d.name, update.live_gpu_seconds))
 
 
 def _decide(d: _Draft, children: Children) -> None:
@@ -196,6 +238,8 @@ def _decide(d: _Draft, children: Children) -> None:
         return
     if st.is_true(s, st.SUSPENDED):
         d.cond(st.SUSPENDED, False, "Resumed", "resuming from the newest checkpoint")
+    if _over_budget(d, ftj, children):
+        return
     if st.is_true(s, st.LAUNCHED):
         _watch_ranks(d, ftj, children)
     elif not _launch(d, ftj, children):
@@ -203,6 +247,26 @@ def _decide(d: _Draft, children: Children) -> None:
     if policy.active_deadline_seconds and s.start_time:
         left = st.seconds_until(s.start_time, policy.active_deadline_seconds, d.now)
         d.again(max(1.0, left))
+
+
+def _over_budget(d: _Draft, ftj: FineTuneJob, children: Children) -> bool:
+    """maxGpuHours spent: the ranks get their grace to checkpoint, and the job fails."""
+    budget = ftj.spec.run_policy.max_gpu_hours
+    if budget is None:
+        return False
+    update = _usage(d, children, force=True)
+    if update.live_gpu_seconds < budget * 3600:
+        return False
+    _stop_ranks(d, children.rank_pods, grace=None)
+    used = update.live_gpu_seconds / 3600
+    msg = (
+        f"used {used:.4g} GPU-hours of spec.runPolicy.maxGpuHours={budget:g} "
+        f"({usage_.describe(update.usage)}); ranks stopped after a checkpoint"
+    )
+    d.cond(st.LAUNCHED, False, "BudgetExceeded", msg)
+    d.cond(st.FAILED, True, "BudgetExceeded", msg)
+    d.phase("Failed", "BudgetExceeded", msg)
+    return True
 
 
 # --------------------------------------------------------------------------- validation
@@ -297,15 +361,21 @@ def _launch(d: _Draft, ftj: FineTuneJob, children: Children) -> bool:
         if wait > 0:
             d.again(wait)
             return True
+    not_before = st.parse_time(d.annotations.get(ANN_NEXT_LAUNCH))
+    if not_before is not None and not_before > d.now:
+        d.again(max(1.0, (not_before - d.now).total_seconds()))
+        return True
     # Same pod names for every attempt: wait until the previous gang is gone.
     if children.rank_pods:
-        names = _live(children.rank_pods)
-        d.actions.extend(Delete("Pod", name, GANG_TEARDOWN_GRACE) for name in names)
+        _clear_old_gang(d, ftj, children)
         d.again(2.0)
         return True
     if children.rejection is not None:
         _pods_rejected(d, children.rejection)
         return False
+    if children.quota is not None:
+        _quota_refused(d, children.quota)
+        return True
     attempt = _attempt(d) + 1
     d.actions.append(Apply(build_config_map(ftj, owner=d.body)))
     d.actions.append(Apply(build_headless_service(ftj, owner=d.body)))
@@ -318,14 +388,65 @@ def _launch(d: _Draft, ftj: FineTuneJob, children: Children) -> bool:
     d.actions.append(Annotate(d.name, annotations))
     pods = build_rank_pods(ftj, attempt, image=_image(d, ftj), owner=d.body)
     d.actions.extend(Apply(pod) for pod in pods)
+    d.launched_now = True
     nodes = ftj.spec.resources.nodes
     d.cond(st.LAUNCHED, True, "Launched", f"{nodes} rank pod(s), attempt {attempt}")
     if s.start_time is None:
         s.start_time = st.now_rfc3339(d.now)
-    verb = "restarted" if s.restarts else "launched"
-    d.phase("Running", "Launched", f"{verb} {nodes} rank pod(s) (attempt {attempt})")
+    if not st.is_true(s, st.QUEUED):
+        verb = "restarted" if s.restarts or s.interruptions or s.gang_releases else "launched"
+        d.phase("Running", "Launched", f"{verb} {nodes} rank pod(s) (attempt {attempt})")
+    else:
+        d.event("Normal", "Launched", f"launched {nodes} rank pod(s) (attempt {attempt})")
     d.again(5.0)
     return True
+
+
+def _clear_old_gang(d: _Draft, ftj: FineTuneJob, children: Children) -> None:
+    """Delete what is left of the previous gang. A rank stuck Terminating on a node lost for
+    nodeFailureTolerationSeconds is force-deleted: that node will never confirm the deletion,
+    and the next attempt reuses the pod names. A rank still alive behind a partition cannot
+    corrupt the run: checkpoints carry their attempt and the store's fence refuses it."""
+    toleration = float(ftj.spec.run_policy.node_failure_toleration_seconds)
+    for pod in children.rank_pods:
+        meta = pod["metadata"]
+        if not meta.get("deletionTimestamp"):
+            d.actions.append(Delete("Pod", meta["name"], GANG_TEARDOWN_GRACE))
+            continue
+        node = str((pod.get("spec") or {}).get("nodeName") or "")
+        if not node or children.nodes is None:
+            continue
+        if sched.node_lost(children.nodes.get(node), d.now, toleration):
+            d.actions.append(Delete("Pod", meta["name"], 0))
+            d.event(
+                "Warning",
+                "RankForceDeleted",
+                f"{meta['name']} was stuck terminating on lost node {node} for more than "
+                f"nodeFailureTolerationSeconds={toleration:g}: force-deleted",
+            )
+
+
+def _queued(d: _Draft, reason: str, message: str) -> None:
+    """Queued: waiting for Kubernetes to admit the gang. The condition's lastTransitionTime says
+    since when (it moves only when the job starts or stops waiting)."""
+    d.cond(st.QUEUED, True, reason, message)
+    d.phase("Queued", reason, message)
+
+
+def _quota_refused(d: _Draft, refusal: QuotaRefusal) -> None:
+    """A ResourceQuota refused a rank: give back what was created (a partial gang would hold
+    quota), stay Queued, and try again after a back-off that grows with the wait."""
+    d.actions.extend(Delete("Pod", name, 0) for name in refusal.created)
+    msg = sched.quota_message(refusal.body)
+    _queued(d, "QuotaExceeded", msg)
+    queued = st.get_condition(d.status, st.QUEUED)
+    since = st.parse_time(queued.last_transition_time if queued else None) or d.now
+    waited = (d.now - since).total_seconds()
+    delay = sched.queue_backoff(waited, f"{d.namespace}/{d.name}/{int(waited)}")
+    when = st.now_rfc3339(d.now + timedelta(seconds=delay))
+    d.actions.append(Annotate(d.name, {ANN_NEXT_LAUNCH: when}))
+    d.cond(st.LAUNCHED, False, "QuotaExceeded", msg)
+    d.again(delay)
 
 
 def _pods_rejected(d: _Draft, rejection: Rejection) -> None:
@@ -357,10 +478,23 @@ def _watch_ranks(d: _Draft, ftj: FineTuneJob, children: Children) -> None:
         d.actions.extend(Apply(pod) for pod in pods)
         d.event("Normal", "RanksRecreated", f"re-created {nodes} rank pod(s), attempt {attempt}")
         return
-    failure = _first_failure(d, current, nodes)
-    if failure is not None:
-        _on_failure(d, ftj, failure, children.rank_pods)
+    failures = [f for p in current.values() if (f := st.classify_failure(p)) is not None]
+    permanent = [f for f in failures if not f.retryable]
+    if permanent:
+        _on_failure(d, ftj, permanent[0], children.rank_pods)
         return
+    cause = _interrupted(d, current, nodes, children)
+    if cause is not None:
+        _on_interrupted(d, cause, children.rank_pods)
+        return
+    if failures:
+        _on_failure(d, ftj, failures[0], children.rank_pods)
+        return
+    if _waiting_for_capacity(d, ftj, current, children):
+        return
+    if st.is_true(d.status, st.QUEUED):
+        d.cond(st.QUEUED, False, "Scheduled", f"all {nodes} rank(s) placed")
+        d.phase("Running", "Scheduled", f"all {nodes} rank(s) placed (attempt {attempt})")
     phases = [str((p.get("status") or {}).get("phase")) for p in current.values()]
     rank0 = current.get(pod_name(d.name, 0))
     if phases.count("Succeeded") == nodes and rank0 is not None:
@@ -372,20 +506,122 @@ def _watch_ranks(d: _Draft, ftj: FineTuneJob, children: Children) -> None:
     d.again(10.0)
 
 
-def _first_failure(d: _Draft, current: dict[str, Obj], nodes: int) -> st.Failure | None:
-    """The failure to act on: a failed rank, else a lost one, else one nobody can schedule;
-    permanent failures first."""
-    failures = [f for p in current.values() if (f := st.classify_failure(p)) is not None]
-    names = [pod_name(d.name, r) for r in range(nodes)]
-    missing = [
-        n for n in names if n not in current or current[n]["metadata"].get("deletionTimestamp")
-    ]
-    if not failures and missing:
-        failures = [st.Failure(missing[0], "", None, "PodLost", "rank pod disappeared", True)]
-    if not failures:
-        limit = d.settings.unschedulable_timeout
-        failures = [f for p in current.values() if (f := st.unschedulable(p, d.now, limit))]
-    return sorted(failures, key=lambda f: f.retryable)[0] if failures else None
+def _interrupted(
+    d: _Draft, current: dict[str, Obj], nodes: int, children: Children
+) -> tuple[str, str] | None:
+    """(rank pod, why) when Kubernetes took a rank of this gang away; None otherwise."""
+    for rank in range(nodes):
+        name = pod_name(d.name, rank)
+        cause = sched.interruption(current.get(name), children.pod_events.get(name, []))
+        if cause is not None:
+            return name, cause
+    return None
+
+
+def _on_interrupted(d: _Draft, cause: tuple[str, str], pods: list[Obj]) -> None:
+    """Not a failure: backoffLimit untouched. The taken rank keeps its own grace to save a
+    checkpoint; the rest of the gang is stopped; the job waits Queued for the next attempt,
+    which resumes from that checkpoint."""
+    s = d.status
+    pod, why = cause
+    s.interruptions += 1
+    msg = f"{pod}: {why}; waiting to run again from the newest checkpoint"
+    for p in pods:
+        meta = p["metadata"]
+        if not meta.get("deletionTimestamp") and meta["name"] != pod:
+            d.actions.append(Delete("Pod", meta["name"], GANG_TEARDOWN_GRACE))
+    d.cond(st.LAUNCHED, False, "Interrupted", msg)
+    d.event("Warning", "Interrupted", f"interruption {s.interruptions}: {msg}")
+    _queued(d, "Interrupted", msg)
+    d.again(2.0)
+
+
+def _waiting_for_capacity(
+    d: _Draft, ftj: FineTuneJob, current: dict[str, Obj], children: Children
+) -> bool:
+    """True while some rank of the gang is not placed: the job is Queued. Handles the three
+    ways out besides being scheduled: a request no node can ever meet (fail at once), a partial
+    gang held past gangTimeoutSeconds (release it), and the queue timeout (fail)."""
+    policy, nodes = ftj.spec.run_policy, ftj.spec.resources.nodes
+    messages = [m for p in current.values() if (m := sched.unscheduled_message(p)) is not None]
+    if not messages:
+        return False
+    impossible = sched.never_fits(ftj.spec.resources.gpus_per_node, children.nodes)
+    if impossible is not None:
+        _fail_unschedulable(d, children.rank_pods, impossible)
+        return True
+    text = sched.waiting_for_capacity(messages, nodes)
+    _queued(d, "WaitingForCapacity", text)
+    if _queue_timed_out(d, ftj, children, text):
+        return True
+    placed = [p for p in current.values() if (p.get("spec") or {}).get("nodeName")]
+    launched = st.get_condition(d.status, st.LAUNCHED)
+    held = st.seconds_until(
+        launched.last_transition_time if launched else None,
+        float(policy.gang_timeout_seconds),
+        d.now,
+    )
+    if placed and held <= 0:
+        _release_gang(d, ftj, children.rank_pods, len(placed))
+        return True
+    d.again(max(1.0, min(held, 10.0)) if placed else 10.0)
+    return True
+
+
+def _queue_timeout(d: _Draft, ftj: FineTuneJob) -> float | None:
+    spec_value = ftj.spec.run_policy.queue_timeout_seconds
+    return float(spec_value) if spec_value is not None else d.settings.queue_timeout
+
+
+def _queue_timed_out(d: _Draft, ftj: FineTuneJob, children: Children, text: str) -> bool:
+    timeout = _queue_timeout(d, ftj)
+    queued = st.get_condition(d.status, st.QUEUED)
+    if timeout is None or queued is None:
+        return False
+    left = st.seconds_until(queued.last_transition_time, timeout, d.now)
+    if left > 0:
+        d.again(max(1.0, left))
+        return False
+    where = (
+        "spec.runPolicy.queueTimeoutSeconds"
+        if ftj.spec.run_policy.queue_timeout_seconds is not None
+        else "the operator's queue timeout (chart value scheduling.queueTimeoutSeconds; "
+        "spec.runPolicy.queueTimeoutSeconds overrides it)"
+    )
+    _fail_unschedulable(d, children.rank_pods, f"queued longer than {timeout:g}s ({where}): {text}")
+    return True
+
+
+def _fail_unschedulable(d: _Draft, pods: list[Obj], msg: str) -> None:
+    """Not retryable: a new gang would ask for the same resources again."""
+    _stop_ranks(d, pods, grace=0)
+    d.status.last_failure = FailureInfo(reason="Unschedulable", message=msg)
+    d.cond(st.QUEUED, False, "Unschedulable", msg)
+    d.cond(st.LAUNCHED, False, "Unschedulable", msg)
+    d.cond(st.FAILED, True, "Unschedulable", msg)
+    d.phase("Failed", "Unschedulable", msg)
+
+
+def _release_gang(d: _Draft, ftj: FineTuneJob, pods: list[Obj], placed: int) -> None:
+    """A partial gang holds GPUs another gang may be waiting for: give them all back and try
+    again after a jittered back-off, so two partial gangs cannot hold each other forever."""
+    s = d.status
+    s.gang_releases += 1
+    nodes = ftj.spec.resources.nodes
+    delay = sched.release_backoff(
+        s.gang_releases, d.settings.restart_backoff, f"{d.namespace}/{d.name}"
+    )
+    msg = (
+        f"only {placed}/{nodes} rank(s) placed after gangTimeoutSeconds="
+        f"{ftj.spec.run_policy.gang_timeout_seconds}: released the partial gang, relaunching "
+        f"in {delay:.0f}s (release {s.gang_releases}; not a failure)"
+    )
+    _stop_ranks(d, pods, grace=0)  # they never started training: nothing to checkpoint
+    d.cond(st.LAUNCHED, False, "GangReleased", msg)
+    d.event("Normal", "GangReleased", msg)
+    when = st.now_rfc3339(d.now + timedelta(seconds=delay))
+    d.actions.append(Annotate(d.name, {ANN_NEXT_LAUNCH: when}))
+    d.again(delay)
 
 
 def _since_creation(d: _Draft) -> float | None:

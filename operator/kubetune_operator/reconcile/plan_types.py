@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 from kubetune_operator.api.models import KIND, FineTuneJobStatus
+from kubetune_operator.reconcile.scheduling import NodeInfo
+from kubetune_operator.reconcile.usage import Pricing
 from kubetune_operator.status import Scrape
 
 Obj = dict[str, Any]
@@ -24,7 +26,9 @@ class Settings:
 
     image: str  # the trainer image when spec.resources.image is unset
     restart_backoff: float = 10.0  # base of the gang-restart back-off, seconds
-    unschedulable_timeout: float = 600.0  # how long a rank may stay unschedulable
+    # How long a job may wait Queued when its spec does not say (None: forever).
+    queue_timeout: float | None = None
+    pricing: Pricing = field(default_factory=Pricing)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,14 @@ class Rejection:
 
 
 @dataclass(frozen=True)
+class QuotaRefusal:
+    """A ResourceQuota refused a rank pod (HTTP 403): its answer, and the ranks created before."""
+
+    body: str
+    created: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Children:
     """A snapshot of what exists for one job, read by the executor before it plans."""
 
@@ -61,6 +73,12 @@ class Children:
     secret: SecretRead | None = None
     metrics: Sample | None = None
     rejection: Rejection | None = None  # set when the executor re-plans after a 422
+    quota: QuotaRefusal | None = None  # set when the executor re-plans after a quota 403
+    # The cluster's nodes, read only when a rank waits for capacity, is being deleted, or
+    # prices depend on node labels (None: not read this pass).
+    nodes: dict[str, NodeInfo] | None = None
+    # (reason, message) of the Events on rank pods being taken away (who did it).
+    pod_events: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,6 +88,7 @@ class Needs:
     rank_pods: bool = False
     deployment: bool = False
     secret: str | None = None  # the Secret's name, when its keys must be checked
+    launched: bool = False  # a gang runs: rank pods taken away need explaining
 
 
 # --------------------------------------------------------------------------- outputs
@@ -146,7 +165,16 @@ class RankRunning:
     seconds: float | None
 
 
-Observation = GangRestarted | GateResult | RankRunning
+@dataclass(frozen=True)
+class UsageSample:
+    """The job's GPU-seconds as of this pass (exported as a counter)."""
+
+    namespace: str
+    name: str
+    gpu_seconds: float
+
+
+Observation = GangRestarted | GateResult | RankRunning | UsageSample
 
 
 @dataclass(frozen=True)
