@@ -43,9 +43,25 @@ Benchmarks: ``"run_pods": false`` in the config keeps the nodes registered and R
 never runs (or even watches) pods: bound pods stay Pending, so thousands of them cost nothing
 but API objects.  Such pods are only removed by a force delete (``gracePeriodSeconds=0``).
 
-Fault control: a file ``DIR/agent/control/<node>.notready`` stops that node's heartbeats and
-reports it NotReady (see ``tests/cluster/faults.py``).  The agent survives apiserver restarts:
-every API call is retried and the pod watch re-lists with back-off.
+Fault control (files under ``DIR/agent/control/``, polled every 0.2 s; see
+``tests/cluster/faults.py``):
+
+* ``<node>.notready`` stops that node's heartbeats and reports it NotReady; its pods are
+  still run and synced.
+* ``<node>.frozen`` (JSON ``{"token": ...}``) freezes the node as behind a network partition:
+  no node status, no Lease renewal, and none of its pods is synced - no status updates, no
+  SIGTERM/SIGKILL on deletion, no finishing of deletions, no start of newly bound pods, no
+  restarts or probes.  Processes keep running (exits are only reaped locally).  A pod deleted
+  from the API server meanwhile is remembered, not killed.  Removing the file thaws the node;
+  the agent first reads ``<node>.unfreeze`` (JSON ``{"token": ..., "kill_orphans": bool}``,
+  default kill) and reconciles like a kubelet after a partition: processes of pods that are
+  gone from the API are killed (or, with ``kill_orphans: false``, left running unmanaged until
+  they exit by themselves), every pod's status is pushed again, heartbeats resume at once.
+* ``<node>.state`` is the agent's acknowledgement, written atomically once a freeze or thaw is
+  in effect: ``{"frozen": bool, "token": ...}`` (the token of the request it applied).
+
+The agent survives apiserver restarts: every API call is retried and the pod watch re-lists
+with back-off.
 
 Not supported: kubectl exec/port-forward/attach, resource limits, image pulls, init container
 sidecars, startup probes, lifecycle hooks.
@@ -360,6 +376,9 @@ class PodWorker:
         self.ns: str = meta["namespace"]
         self.name: str = meta["name"]
         self.key = f"{self.ns}/{self.name}"
+        self.node: str = pod["spec"].get("nodeName", "")
+        # Deleted from the API server while the node was frozen: handled when it thaws.
+        self.gone = False
         spec = pod["spec"]
         self.init_containers = [Container(c, True) for c in spec.get("initContainers") or []]
         self.containers = [Container(c, False) for c in spec.get("containers") or []]
@@ -766,6 +785,19 @@ class PodWorker:
         else:
             c.done = True
 
+    def reap_only(self) -> None:
+        """While the node is frozen: collect exit statuses (no zombies), change nothing else.
+
+        The exits are turned into container states by the first ``sync`` after the thaw.
+        """
+        with self.lock:
+            for c in self.init_containers + self.containers:
+                if c.proc is not None:
+                    c.proc.poll()
+
+    def processes(self) -> list[tuple[str, subprocess.Popen[bytes]]]:
+        return [(c.name, c.proc) for c in self.init_containers + self.containers if c.proc]
+
     def kill(self, sig: int) -> None:
         for c in self.init_containers + self.containers:
             if c.proc is not None:
@@ -1088,6 +1120,14 @@ class Agent:
         self.hosts_denied = False
         self.node_ready: dict[str, bool] = {}
         self._node_conditions: dict[str, list[Obj]] = {}
+        # Freeze state per node (token of the applied request), guarded by the node's lock:
+        # every API call on behalf of a node or its pods is made holding that lock, so once
+        # a freeze is acknowledged nothing more is sent for the node.
+        self.frozen: dict[str, str] = {}
+        self.node_locks: dict[str, threading.RLock] = {n: threading.RLock() for n in self.nodes}
+        # Processes of pods force-deleted while their node was frozen, thawed with
+        # kill_orphans=False: (pod key, container, process, pid file); reaped by pod_loop.
+        self.orphans: list[tuple[str, str, subprocess.Popen[bytes], Path]] = []
 
     # ----- IPs
     def allocate_ip(self, uid: str) -> str:
@@ -1257,22 +1297,25 @@ class Agent:
                     registered = True
                 now = time.monotonic()
                 for name in self.nodes:
-                    ready = not (self.control / f"{name}.notready").exists()
-                    changed = self.node_ready.get(name) != ready
-                    if not changed and now < next_beat.get(name, 0):
-                        continue
-                    if ready:
-                        self._renew_lease(name)
-                    if ready or changed:
-                        self.kube.merge_patch(
-                            f"/api/v1/nodes/{name}/status", self._node_status(name, ready)
-                        )
-                    if ready:
-                        self._untaint(name)
-                    if changed:
-                        log.info("node %s ready=%s", name, ready)
-                    self.node_ready[name] = ready
-                    next_beat[name] = now + self.heartbeat
+                    with self.node_locks[name]:
+                        if name in self.frozen:
+                            continue
+                        ready = not (self.control / f"{name}.notready").exists()
+                        changed = self.node_ready.get(name) != ready
+                        if not changed and now < next_beat.get(name, 0):
+                            continue
+                        if ready:
+                            self._renew_lease(name)
+                        if ready or changed:
+                            self.kube.merge_patch(
+                                f"/api/v1/nodes/{name}/status", self._node_status(name, ready)
+                            )
+                        if ready:
+                            self._untaint(name)
+                        if changed:
+                            log.info("node %s ready=%s", name, ready)
+                        self.node_ready[name] = ready
+                        next_beat[name] = now + self.heartbeat
                 if now >= next_services:
                     next_services = now + 2.0
                     self._sync_service_hosts()
@@ -1333,17 +1376,33 @@ class Agent:
                     w.pod = pod
         self.wake.set()
 
+    def _node_lock(self, node: str) -> threading.RLock | contextlib.nullcontext[None]:
+        lock = self.node_locks.get(node)
+        return lock if lock is not None else contextlib.nullcontext()
+
     def _forget(self, uid: str) -> None:
+        """The pod is gone from the API server: kill its processes and drop it, unless its
+        node is frozen (a partitioned kubelet never hears of it; the thaw reconciles)."""
         with self.workers_lock:
-            w = self.workers.pop(uid, None)
-        if w is not None:
+            w = self.workers.get(uid)
+        if w is None:
+            return
+        with self._node_lock(w.node):
+            if w.node in self.frozen:
+                if not w.gone:
+                    log.info("pod %s gone from the API while %s is frozen", w.key, w.node)
+                w.gone = True
+                return
+            with self.workers_lock:
+                if self.workers.pop(uid, None) is None:
+                    return
             w.kill(signal.SIGKILL)
-            for c in w.init_containers + w.containers:
-                if c.proc is not None:
-                    with contextlib.suppress(Exception):
-                        c.proc.wait(timeout=5)
-            self.release_ip(uid)
-            log.info("pod %s gone", w.key)
+        for c in w.init_containers + w.containers:
+            if c.proc is not None:
+                with contextlib.suppress(Exception):
+                    c.proc.wait(timeout=5)
+        self.release_ip(uid)
+        log.info("pod %s gone", w.key)
 
     def watch_loop(self) -> None:
         """List+watch pods bound to any node, filter to ours; re-list with back-off."""
@@ -1394,10 +1453,15 @@ class Agent:
                 workers = list(self.workers.values())
             for w in workers:
                 try:
-                    w.sync(now)
-                    w.push_status()
+                    with self._node_lock(w.node):
+                        if w.node in self.frozen:
+                            w.reap_only()
+                            continue
+                        w.sync(now)
+                        w.push_status()
                 except Exception as e:
                     log.warning("pod %s: %s", w.key, e)
+            self._reap_orphans()
             if self.hosts_dirty.is_set():
                 self.hosts_dirty.clear()
                 self._write_hosts(workers)
@@ -1421,6 +1485,94 @@ class Agent:
         except OSError as e:
             log.warning("cannot update %s: %s", self.hosts.path, e)
             self.hosts_dirty.set()
+
+    # ----- fault control (freeze / thaw)
+    def _write_state(self, node: str, frozen: bool, token: str) -> None:
+        path = self.control / f"{node}.state"
+        tmp = self.control / f".{node}.state.{os.getpid()}"
+        tmp.write_text(json.dumps({"frozen": frozen, "token": token}))
+        os.replace(tmp, path)
+
+    @staticmethod
+    def _read_request(path: Path) -> Obj | None:
+        """A control request file's JSON (None if absent; {} if empty or unreadable)."""
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            data = json.loads(text) if text.strip() else {}
+        except ValueError:
+            data = {}
+        return data if isinstance(data, dict) else {}
+
+    def poll_control(self, initial: bool = False) -> None:
+        """Apply freeze/thaw requests found in the control dir (see the module docstring)."""
+        for name in self.nodes:
+            req = self._read_request(self.control / f"{name}.frozen")
+            if req is not None:
+                token = str(req.get("token", ""))
+                if self.frozen.get(name) != token:
+                    with self.node_locks[name]:
+                        was = name in self.frozen
+                        self.frozen[name] = token
+                    if not was:
+                        log.info("node %s frozen", name)
+                    self._write_state(name, True, token)
+            elif name in self.frozen:
+                opts = self._read_request(self.control / f"{name}.unfreeze") or {}
+                kill_orphans = bool(opts.get("kill_orphans", True))
+                with self.node_locks[name]:
+                    del self.frozen[name]
+                    self._thaw(name, kill_orphans)
+                self._write_state(name, False, str(opts.get("token", "")))
+            elif initial:
+                self._write_state(name, False, "")
+
+    def _thaw(self, node: str, kill_orphans: bool) -> None:
+        """Reconcile after a partition (called holding the node's lock, already unfrozen)."""
+        log.info("node %s thawed (kill_orphans=%s)", node, kill_orphans)
+        # Heartbeat at once, with fresh condition transition times.
+        self.node_ready.pop(node, None)
+        self._node_conditions.pop(node, None)
+        with self.workers_lock:
+            workers = [w for w in self.workers.values() if w.node == node]
+        for w in workers:
+            w.last_sent = ""  # the API's copy may have been changed meanwhile: push again
+            if not w.gone:
+                continue
+            if kill_orphans:
+                self._forget(w.uid)
+                continue
+            with self.workers_lock:
+                self.workers.pop(w.uid, None)
+            for cname, proc in w.processes():
+                log.info("orphan %s/%s pid %d left running", w.key, cname, proc.pid)
+                self.orphans.append((w.key, cname, proc, w.dir / f"{cname}.pid"))
+            self.release_ip(w.uid)
+        self.wake.set()
+
+    def _reap_orphans(self) -> None:
+        for entry in list(self.orphans):
+            key, cname, proc, pid_file = entry
+            rc = proc.poll()
+            if rc is None:
+                continue
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # its own children die with it
+            with contextlib.suppress(OSError, ValueError):
+                if int(pid_file.read_text()) == proc.pid:
+                    pid_file.unlink()
+            self.orphans.remove(entry)
+            log.info("orphan %s/%s exited with %d", key, cname, exit_code(rc))
+
+    def control_loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.poll_control()
+            except Exception as e:
+                log.warning("control: %s", e)
+            self.stop.wait(0.2)
 
     # ----- kubectl logs
     def serve_logs(self) -> ThreadingHTTPServer | None:
@@ -1479,7 +1631,8 @@ class Agent:
     # ----- lifecycle
     def run(self) -> None:
         srv = self.serve_logs()
-        loops = [self.heartbeat_loop]
+        self.poll_control(initial=True)
+        loops = [self.control_loop, self.heartbeat_loop]
         if self.run_pods:
             loops += [self.watch_loop, self.pod_loop]
         threads = [threading.Thread(target=t, name=t.__name__, daemon=True) for t in loops]
@@ -1491,16 +1644,19 @@ class Agent:
             workers = list(self.workers.values())
         for w in workers:
             w.kill(signal.SIGTERM)
+        orphans = [p for _, _, p, _ in self.orphans]
+        for p in orphans:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGTERM)
+        procs = [p for w in workers for _, p in w.processes()] + orphans
         deadline = time.monotonic() + 5
-        for w in workers:
-            for c in w.init_containers + w.containers:
-                if c.proc is not None:
-                    try:
-                        c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                    except subprocess.TimeoutExpired:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.killpg(c.proc.pid, signal.SIGKILL)
-                        c.proc.wait()
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
         with contextlib.suppress(OSError):
             self.hosts.current = None
             self.hosts.set([])
