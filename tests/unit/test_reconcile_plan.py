@@ -207,6 +207,12 @@ def _interrupted(p: Plan, restarts: int) -> None:
     assert GangRestarted("ns") not in p.observations
 
 
+def _renumbered(p: Plan, attempt: int) -> None:
+    note = next(a for a in p.actions if isinstance(a, Annotate))
+    assert note.annotations == {ANN_ATTEMPT: str(attempt)}
+    assert p.status.restarts == 0 and p.status.last_failure is None
+
+
 def _since(p: Plan, seconds: float) -> None:
     queued = st.get_condition(p.status, "Queued")
     assert queued is not None and queued.last_transition_time == ago(seconds)
@@ -276,7 +282,9 @@ def _progress(p: Plan) -> None:
     prog = p.status.progress
     assert prog is not None and (prog.step, prog.percent, prog.eta_seconds) == (30, 25, 45)
     assert p.status.metrics == {"train_loss": 1.25, "validation_loss": 1.5}
-    assert [c.uri for c in p.status.checkpoints] == ["s3://runs/kt/ns/demo/checkpoints/step-20"]
+    assert [c.uri for c in p.status.checkpoints] == [
+        "s3://runs/kt/ns/demo/checkpoints/step-20-attempt-1"
+    ]
     assert _obs(p) == [RankRunning(120.0)]
 
 
@@ -700,6 +708,37 @@ ROWS = [
         check=_invalid,
     ),
     # ---------------------------------------------------------------- sharing the cluster
+    Row(
+        "the store's fence is ahead (a same-named job ran before): relaunch past it",
+        job=job(annotations=ATTEMPT_1),
+        status=launched(),
+        children=Children(
+            rank_pods=[
+                pod(
+                    0,
+                    "Failed",
+                    terminated={
+                        "exitCode": 6,
+                        "message": "Superseded: gang attempt 3 superseded this rank (rank 0, ...",
+                    },
+                ),
+                pod(1),
+            ]
+        ),
+        phase="Running",
+        conditions={"Launched": ("False", "AttemptRenumbered")},
+        actions=[
+            "delete Pod/demo-rank-0 grace=0",
+            "delete Pod/demo-rank-1 grace=0",
+            "annotate FineTuneJob/demo",
+        ],
+        events=[
+            ("Normal", "RanksDeleted", "deleted 2 rank pod(s)"),
+            ("Normal", "AttemptRenumbered", "fence names attempt 3 (an earlier job of this name"),
+        ],
+        requeue=1.0,
+        check=lambda p: _renumbered(p, 3),
+    ),
     Row(
         "preempted rank: Queued/Interrupted with the scheduler's words, backoffLimit untouched",
         job=job({"runPolicy": {"backoffLimit": 0}}, ATTEMPT_1),

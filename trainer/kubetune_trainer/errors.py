@@ -15,6 +15,8 @@ Exit codes (part of the operator contract; `classify_failure` maps exceptions to
     3     InvalidData         kubetune_trainer.data.InvalidDataError       permanent
     4     OutOfMemory         MemoryError, CUDA/torch out of memory        retryable
     5     StorageUnavailable  kubetune_trainer.store.StorageUnavailable    retryable
+    6     Superseded          AttemptSuperseded: a newer gang attempt      retryable
+                              fenced the checkpoints (a stale rank)
     137   (none: SIGKILL)     kernel OOM killer or kubelet kill            retryable
     143   Interrupted         SIGTERM/KeyboardInterrupt after the final    retryable
                               checkpoint was saved (TrainingInterrupted)
@@ -45,17 +47,23 @@ EXIT_CODES: dict[str, int] = {
     "InvalidData": 3,
     "OutOfMemory": 4,
     "StorageUnavailable": 5,
+    "Superseded": 6,
     "Interrupted": 143,
 }
 PERMANENT_REASONS: frozenset[str] = frozenset({"InvalidSpec", "InvalidData"})
 # SIGKILL (the kernel's OOM killer, the kubelet): a code the trainer never chooses, so it sits
 # beside the table rather than in it.
 KILLED_EXIT_CODE = 128 + 9
-RETRYABLE_EXIT_CODES: frozenset[int] = frozenset({4, 5, KILLED_EXIT_CODE, 143})
+RETRYABLE_EXIT_CODES: frozenset[int] = frozenset({4, 5, 6, KILLED_EXIT_CODE, 143})
 
 
 class TrainingInterrupted(Exception):
     """Raised after SIGTERM once the final checkpoint is saved; the run exits 143."""
+
+
+class AttemptSuperseded(RuntimeError):
+    """A newer gang attempt fenced the run's checkpoints: this rank is stale (say, alive behind a
+    network partition) and must neither upload nor move `latest`; the run exits 6."""
 
 
 class ConfigError(ValueError):
@@ -109,6 +117,8 @@ def _classify_one(exc: BaseException) -> tuple[str, int] | None:
         return "Interrupted", 143
     if isinstance(exc, ValidationError | ConfigError):
         return "InvalidSpec", 2
+    if isinstance(exc, AttemptSuperseded):
+        return "Superseded", 6
     if _is_storage_unavailable(exc):
         return "StorageUnavailable", 5
     if _is_oom(exc):

@@ -20,6 +20,7 @@ Decisions read conditions; the phase is derived for people, and every phase chan
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timedelta
 
 from kubetune_operator import status as st
@@ -478,6 +479,10 @@ def _watch_ranks(d: _Draft, ftj: FineTuneJob, children: Children) -> None:
         d.actions.extend(Apply(pod) for pod in pods)
         d.event("Normal", "RanksRecreated", f"re-created {nodes} rank pod(s), attempt {attempt}")
         return
+    fenced = _fenced_out(current)
+    if fenced is not None:
+        _renumber(d, fenced, children.rank_pods)
+        return
     failures = [f for p in current.values() if (f := st.classify_failure(p)) is not None]
     permanent = [f for f in failures if not f.retryable]
     if permanent:
@@ -504,6 +509,35 @@ def _watch_ranks(d: _Draft, ftj: FineTuneJob, children: Children) -> None:
         d.observations.append(RankRunning(_since_creation(d)))
     _read_progress(d, ftj, rank0, children.metrics)
     d.again(10.0)
+
+
+_SUPERSEDED_RE = re.compile(r"^Superseded: gang attempt (\d+) superseded")
+
+
+def _fenced_out(current: dict[str, Obj]) -> int | None:
+    """The attempt the store's fence names when it refused a rank of the current gang.
+
+    Attempts count per job object, but the store prefix is per job name: a job deleted and
+    created again under the same name finds the old job's fence ahead of its own attempts."""
+    for pod in current.values():
+        m = _SUPERSEDED_RE.match((st.terminated_message(pod) or "").strip())
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _renumber(d: _Draft, fence: int, pods: list[Obj]) -> None:
+    """Relaunch past the fence: not a failure (backoffLimit untouched)."""
+    attempt = max(fence, _attempt(d))
+    msg = (
+        f"the store's fence names attempt {fence} (an earlier job of this name wrote there): "
+        f"relaunching as attempt {attempt + 1}"
+    )
+    _stop_ranks(d, pods, grace=0)
+    d.actions.append(Annotate(d.name, {ANN_ATTEMPT: str(attempt)}))
+    d.cond(st.LAUNCHED, False, "AttemptRenumbered", msg)
+    d.event("Normal", "AttemptRenumbered", msg)
+    d.again(1.0)
 
 
 def _interrupted(
@@ -777,11 +811,14 @@ def _read_progress(d: _Draft, ftj: FineTuneJob, rank0: Obj | None, sample: Sampl
 def _note_checkpoint(d: _Draft, ftj: FineTuneJob, step: int) -> None:
     assert ftj.spec.storage is not None
     s = d.status
-    if step in {c.step for c in s.checkpoints}:
-        return
     prefix = run_prefix(ftj.spec.storage, d.namespace, d.name)
-    ref = CheckpointRef(
-        step=step, uri=f"{prefix}/checkpoints/step-{step}", time=st.now_rfc3339(d.now)
-    )
+    attempt = _attempt(d)
+    # The trainer's folder names (train/checkpoint.py): one per attempt, so a stale rank of an
+    # older attempt can never write into the current attempt's checkpoint.
+    folder = f"step-{step}-attempt-{attempt}" if attempt > 0 else f"step-{step}"
+    uri = f"{prefix}/checkpoints/{folder}"
+    if uri in {c.uri for c in s.checkpoints}:
+        return
+    ref = CheckpointRef(step=step, uri=uri, time=st.now_rfc3339(d.now))
     keep = ftj.spec.checkpointing.keep_last
-    s.checkpoints = sorted([*s.checkpoints, ref], key=lambda c: c.step)[-keep:]
+    s.checkpoints = [*s.checkpoints, ref][-keep:]  # in the order they were saved

@@ -43,7 +43,7 @@ from kubetune_trainer.tokenization import (
     effective_max_length,
     load_tokenizer,
 )
-from kubetune_trainer.train.checkpoint import CheckpointManager
+from kubetune_trainer.train.checkpoint import CheckpointManager, attempt_from_env, grace_from_env
 from kubetune_trainer.train.engine import (
     DistEnv,
     TrainHooks,
@@ -152,6 +152,7 @@ class FineTuneRun:
         self.base_eval: dict[str, Any] | None = None
         self.eval_report: dict[str, Any] = {}  # stays empty on ranks other than 0
         self.gates_passed = True
+        self.checkpoints: CheckpointManager | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -327,7 +328,7 @@ class FineTuneRun:
 
     def train(self) -> None:
         cfg, env, feats = self.cfg, self.env, self.feats
-        checkpoints = CheckpointManager(
+        checkpoints = self.checkpoints = CheckpointManager(
             self.store,
             self.workdir / "checkpoints",
             rank=env.rank,
@@ -335,6 +336,9 @@ class FineTuneRun:
             keep_last=cfg.checkpointing.keep_last,
             on_saved=self._on_saved,
             quantized=cfg.method == "qlora",
+            # Set by the operator on rank pods (absent locally): fencing and the grace check.
+            attempt=attempt_from_env(),
+            grace_seconds=grace_from_env(),
         )
         with self._phase("train", "training"):
             model = load_model(
@@ -424,6 +428,10 @@ class FineTuneRun:
     def publish(self) -> None:
         """eval.json, the model card and the model in the store; then the termination message."""
         store, model_out = self.store, self.model_out
+        if self.checkpoints is not None:
+            # A gang of a newer attempt may have started while this one finished training (a
+            # partition): then it owns the run's results, and this one publishes nothing.
+            self.checkpoints.check_fence("publishing model/ and eval.json")
         report = self.eval_report = self._report()
         write_model_card(model_out, self._model_card())
         with self._phase("upload", "saving"):
