@@ -208,7 +208,12 @@ def assert_nothing_left(cp: ControlPlane, release: str, namespaces: list[str]) -
             for kind in namespaced
             for name in labelled(cp, kind, release, ns)
         ]
-        for kind in ("clusterroles", "clusterrolebindings", "clusterkopfpeerings.kopf.dev"):
+        for kind in (
+            "clusterroles",
+            "clusterrolebindings",
+            "clusterkopfpeerings.kopf.dev",
+            "priorityclasses.scheduling.k8s.io",
+        ):
             found += labelled(cp, kind, release, None)
         return found
 
@@ -231,6 +236,7 @@ def test_namespaced_install_rbac_upgrade_uninstall(
     extra_namespaces: list[str],
     monitoring_crds: None,
     tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     cp = control_plane
     w1, w2, unwatched = extra_namespaces
@@ -250,6 +256,9 @@ def test_namespaced_install_rbac_upgrade_uninstall(
         },
     }
     adopt_crd(cp, release, namespace)
+    # Uninstalled even when an assertion fails: the release owns cluster-scoped objects (its
+    # PriorityClasses) that would block every later install of the chart.
+    request.addfinalizer(lambda: helm_cp("uninstall", release, "-n", namespace, check=False))
     helm_cp("install", release, str(CHART), "-n", namespace, "-f", values_file(tmp_path, values))
     sa = "kt-kubetune"
 
@@ -264,9 +273,17 @@ def test_namespaced_install_rbac_upgrade_uninstall(
     assert labelled(cp, "deployments", release, namespace)  # the label selector finds them
     assert labelled(cp, "kopfpeerings.kopf.dev", release, w1)
     assert not labelled(cp, "roles", release, unwatched)
-    assert labelled(cp, "clusterroles", release, None) == [
-        "clusterrole.rbac.authorization.k8s.io/kt-kubetune-discovery"
+    assert sorted(labelled(cp, "clusterroles", release, None)) == [
+        "clusterrole.rbac.authorization.k8s.io/kt-kubetune-discovery",
+        "clusterrole.rbac.authorization.k8s.io/kt-kubetune-nodes",
     ]
+    # The chart's PriorityClasses (cluster-scoped, owned by this release).
+    assert sorted(labelled(cp, "priorityclasses.scheduling.k8s.io", release, None)) == [
+        f"priorityclass.scheduling.k8s.io/kubetune-{c}" for c in ("default", "low", "urgent")
+    ]
+    urgent = cp.get_json("/apis/scheduling.k8s.io/v1/priorityclasses/kubetune-urgent")
+    assert urgent["value"] == 100000 and not urgent.get("globalDefault")  # false is omitted
+    assert urgent["description"].startswith("kubetune: ")
     crd = cp.get_json(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD}")
     assert crd["metadata"]["annotations"]["meta.helm.sh/release-name"] == release
 
@@ -280,6 +297,8 @@ def test_namespaced_install_rbac_upgrade_uninstall(
         assert can(cp, token, "watch", "finetunejobs", ns, "kubetune.io")
         assert can(cp, token, "create", "deployments", ns, "apps")
         assert can(cp, token, "create", "events", ns)
+        assert can(cp, token, "list", "events", ns)  # the scheduler's Preempted events
+        assert can(cp, token, "watch", "events", ns)
         assert can(cp, token, "patch", "kopfpeerings", ns, "kopf.dev")
         assert can(cp, token, "get", "secrets", ns)  # namespace-scoped: get only, here only
         assert not can(cp, token, "list", "secrets", ns)
@@ -288,6 +307,11 @@ def test_namespaced_install_rbac_upgrade_uninstall(
         assert not can(cp, token, "create", "rolebindings", ns, "rbac.authorization.k8s.io")
     assert not can(cp, token, "get", "secrets", unwatched)
     assert not can(cp, token, "create", "pods", unwatched)
+    assert not can(cp, token, "list", "events", unwatched)
+    # Nodes are cluster-scoped: read through the -nodes ClusterRole, never written.
+    for verb in ("get", "list", "watch"):
+        assert can(cp, token, verb, "nodes"), verb
+    assert cp.request("GET", "/api/v1/nodes", token=token)[0] == 200
     assert not can(cp, token, "list", "secrets")  # cluster-wide
     assert can(cp, token, "watch", "namespaces")  # read-only discovery for kopf
     assert not can(cp, token, "delete", "namespaces")
@@ -369,7 +393,9 @@ def test_cluster_wide_rbac(
     other = cp.create_namespace(f"{namespace[:50]}-o")
     try:
         adopt_crd(cp, release, namespace)
-        values = {"operator": {"replicas": 0}}
+        # PriorityClasses are cluster-scoped: test_namespaced_install_rbac_upgrade_uninstall
+        # checks them; a second owner here would only collide with a leftover release.
+        values = {"operator": {"replicas": 0}, "priorityClasses": {"create": False}}
         helm_cp(
             "install", release, str(CHART), "-n", namespace, "-f", values_file(tmp_path, values)
         )
@@ -384,9 +410,13 @@ def test_cluster_wide_rbac(
             assert can(cp, token, "delete", "finetunejobs", ns, "kubetune.io")
             assert can(cp, token, "create", "services", ns)
             assert can(cp, token, "create", "configmaps", ns)
+            assert can(cp, token, "list", "events", ns)
             assert not can(cp, token, "get", "secrets", ns)  # no Secret access at all
             assert not can(cp, token, "create", "roles", ns, "rbac.authorization.k8s.io")
         assert can(cp, token, "watch", "namespaces")
+        assert can(cp, token, "watch", "nodes")
+        assert cp.request("GET", "/api/v1/nodes", token=token)[0] == 200
+        assert not labelled(cp, "priorityclasses.scheduling.k8s.io", release, None)
         assert can(cp, token, "patch", "clusterkopfpeerings", group="kopf.dev")
         assert not can(cp, token, "list", "secrets")
         assert not can(cp, token, "update", "nodes")

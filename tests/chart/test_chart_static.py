@@ -29,6 +29,7 @@ VALUE_FILES = {
     "monitoring": [VALUES_DIR / "monitoring.yaml"],
     "namespaced": [VALUES_DIR / "namespaced.yaml"],
     "custom-images": [VALUES_DIR / "custom-images.yaml"],
+    "sharing": [VALUES_DIR / "sharing.yaml"],
 }
 
 # Kinds kubernetes-validate has no schema for. Each is checked against a minimal schema of the
@@ -53,6 +54,29 @@ _ENDPOINT = {
         "honorLabels": {"type": "boolean"},
     },
     "additionalProperties": False,
+}
+_ALERT_RULE = {
+    "type": "object",
+    "required": ["alert", "expr"],
+    "additionalProperties": False,
+    "properties": {
+        "alert": {"type": "string", "pattern": "^[A-Z]"},
+        "expr": {"type": "string", "minLength": 1},
+        "for": {"type": "string"},
+        "labels": {"type": "object"},
+        "annotations": {"type": "object"},
+    },
+}
+_RECORDING_RULE = {
+    "type": "object",
+    "required": ["record", "expr"],
+    "additionalProperties": False,
+    "properties": {
+        # level:metric:operations, the Prometheus naming convention for recorded series.
+        "record": {"type": "string", "pattern": "^[a-z_]+:[a-z_]+:[a-z_]+$"},
+        "expr": {"type": "string", "minLength": 1},
+        "labels": {"type": "object"},
+    },
 }
 CUSTOM_KIND_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): {
@@ -110,18 +134,7 @@ CUSTOM_KIND_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                                 "name": {"type": "string"},
                                 "rules": {
                                     "type": "array",
-                                    "items": {
-                                        "type": "object",
-                                        "required": ["alert", "expr"],
-                                        "additionalProperties": False,
-                                        "properties": {
-                                            "alert": {"type": "string", "pattern": "^[A-Z]"},
-                                            "expr": {"type": "string", "minLength": 1},
-                                            "for": {"type": "string"},
-                                            "labels": {"type": "object"},
-                                            "annotations": {"type": "object"},
-                                        },
-                                    },
+                                    "items": {"oneOf": [_ALERT_RULE, _RECORDING_RULE]},
                                 },
                             },
                         },
@@ -310,16 +323,23 @@ def test_rbac_modes() -> None:
     assert {"clusterkopfpeerings", "deployments", "events"} <= resources
 
     scoped = render(VALUE_FILES["namespaced"])
-    # Namespace-scoped: the only ClusterRole is kopf's read-only discovery (namespaces, CRDs).
-    (discovery,) = of_kind(scoped, "ClusterRole")
-    assert discovery["metadata"]["name"] == "kt-kubetune-discovery"
+    # Namespace-scoped: the only ClusterRoles are kopf's read-only discovery (namespaces, CRDs)
+    # and the node reader (nodes are cluster-scoped: no Role can grant them).
+    roles_by_name = {r["metadata"]["name"]: r for r in of_kind(scoped, "ClusterRole")}
+    assert set(roles_by_name) == {"kt-kubetune-discovery", "kt-kubetune-nodes"}
+    discovery = roles_by_name["kt-kubetune-discovery"]
     assert {r for rule in _rules(discovery) for r in rule["resources"]} == {
         "namespaces",
         "customresourcedefinitions",
     }
     assert {v for rule in _rules(discovery) for v in rule["verbs"]} <= {"get", "list", "watch"}
+    assert _rules(roles_by_name["kt-kubetune-nodes"]) == [NODE_READ]
     strict = render(VALUE_FILES["namespaced"], sets=["rbac.clusterDiscovery=false"])
-    assert not of_kind(strict, "ClusterRole") and not of_kind(strict, "ClusterRoleBinding")
+    # clusterDiscovery=false drops discovery, never the node reads the operator needs.
+    assert [r["metadata"]["name"] for r in of_kind(strict, "ClusterRole")] == ["kt-kubetune-nodes"]
+    assert [b["roleRef"]["name"] for b in of_kind(strict, "ClusterRoleBinding")] == [
+        "kt-kubetune-nodes"
+    ]
     roles = of_kind(scoped, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert sorted(b["metadata"]["namespace"] for b in of_kind(scoped, "RoleBinding")) == [
@@ -336,6 +356,75 @@ def test_rbac_modes() -> None:
 
     none = render(sets=["rbac.create=false"])
     assert not [d for d in none if d["kind"].endswith(("Role", "RoleBinding"))]
+
+
+NODE_READ = {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}
+EVENT_READ = {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "list", "watch"]}
+
+
+def _bound_rules(docs: list[Obj], namespace: str | None) -> list[Obj]:
+    """Rules granted to the operator's ServiceAccount: in ``namespace`` (its Roles and every
+    ClusterRole bound cluster-wide), or cluster-wide only (``namespace`` None)."""
+    sa = {"kind": "ServiceAccount", "name": "kt-kubetune", "namespace": "kubetune"}
+    rules: list[Obj] = []
+    for binding in of_kind(docs, "ClusterRoleBinding"):
+        if sa in binding["subjects"]:
+            (role,) = [
+                r
+                for r in of_kind(docs, "ClusterRole")
+                if r["metadata"]["name"] == binding["roleRef"]["name"]
+            ]
+            rules += _rules(role)
+    if namespace is not None:
+        for binding in of_kind(docs, "RoleBinding"):
+            if binding["metadata"]["namespace"] == namespace and sa in binding["subjects"]:
+                (role,) = [
+                    r
+                    for r in of_kind(docs, "Role")
+                    if r["metadata"]["name"] == binding["roleRef"]["name"]
+                    and r["metadata"]["namespace"] == namespace
+                ]
+                rules += _rules(role)
+    return rules
+
+
+def _allows(rules: list[Obj], verb: str, resource: str, group: str = "") -> bool:
+    return any(
+        group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules
+    )
+
+
+@pytest.mark.parametrize("name", ["default", "namespaced"])
+def test_rbac_reads_nodes_and_events(name: str) -> None:
+    """Dead-node handling reads nodes (cluster-scoped: a ClusterRole in both modes, read-only);
+    interruptions read the scheduler's Preempted events in the jobs' namespaces."""
+    docs = render(VALUE_FILES[name])
+    cluster = _bound_rules(docs, None)
+    for verb in ("get", "list", "watch"):
+        assert _allows(cluster, verb, "nodes"), (name, verb)
+    for verb in ("create", "update", "patch", "delete", "deletecollection"):
+        assert not _allows(cluster, verb, "nodes"), (name, verb)
+        assert not _allows(cluster, verb, "nodes/status"), (name, verb)
+    assert sum(r == NODE_READ for r in cluster) == 1
+    namespaces = ["team-a", "team-b"] if name == "namespaced" else [None]
+    for ns in namespaces:
+        rules = _bound_rules(docs, ns)
+        for verb in ("get", "list", "watch", "create", "patch"):
+            assert _allows(rules, verb, "events"), (name, ns, verb)
+        assert not _allows(rules, "delete", "events"), (name, ns)
+        assert EVENT_READ in rules
+    if name == "namespaced":
+        # Event reads stay in the watched namespaces: no ClusterRole grants them.
+        assert not _allows(cluster, "list", "events")
+        assert not _allows(_bound_rules(docs, "kubetune"), "list", "events")
+    none = render(VALUE_FILES[name], sets=["rbac.create=false"])
+    assert not [d for d in none if d["kind"].endswith(("Role", "RoleBinding"))]
+    # rbac.readNodes=false: no node access at all (the operator turns dead-node clean-up off).
+    off = render(VALUE_FILES[name], sets=["rbac.readNodes=false"])
+    assert not _allows(_bound_rules(off, None), "list", "nodes")
+    assert "kt-kubetune-nodes" not in {r["metadata"]["name"] for r in of_kind(off, "ClusterRole")}
+    for ns in namespaces:
+        assert EVENT_READ in _bound_rules(off, ns)
 
 
 def test_every_rbac_rule_is_commented() -> None:
@@ -398,6 +487,160 @@ def test_operator_deployment() -> None:
     assert env["KUBETUNE_RESTART_BACKOFF_SECONDS"] == "30"
 
 
+SHARING_ENV = (
+    "KUBETUNE_QUEUE_TIMEOUT_SECONDS",
+    "KUBETUNE_GPU_HOUR_PRICE",
+    "KUBETUNE_GPU_PRICE_NODE_LABEL",
+    "KUBETUNE_GPU_PRICES",
+    "KUBETUNE_COST_CURRENCY",
+)
+
+
+def _env(docs: list[Obj]) -> dict[str, str | None]:
+    (c,) = _operator(docs)["spec"]["template"]["spec"]["containers"]
+    names = [e["name"] for e in c["env"]]
+    assert len(names) == len(set(names)), names  # each variable once
+    return {e["name"]: e.get("value") for e in c["env"]}
+
+
+def test_scheduling_and_cost_env_defaults() -> None:
+    """Unset values are left out: no queue timeout (wait forever), no price (no estimate)."""
+    env = _env(render())
+    assert "KUBETUNE_QUEUE_TIMEOUT_SECONDS" not in env
+    assert "KUBETUNE_GPU_HOUR_PRICE" not in env
+    assert "KUBETUNE_GPU_PRICES" not in env
+    assert env["KUBETUNE_GPU_PRICE_NODE_LABEL"] == "nvidia.com/gpu.product"
+    assert env["KUBETUNE_COST_CURRENCY"] == "USD"
+    # Explicit nulls and an empty map are the same as the defaults.
+    env = _env(
+        render(
+            sets=[
+                "scheduling.queueTimeoutSeconds=null",
+                "cost.gpuHourPrice=null",
+                "cost.pricesByNodeLabel=null",
+            ]
+        )
+    )
+    assert not {"KUBETUNE_QUEUE_TIMEOUT_SECONDS", "KUBETUNE_GPU_HOUR_PRICE"} & set(env)
+    assert "KUBETUNE_GPU_PRICES" not in env
+
+
+def _render_args(*args: str) -> list[Obj]:
+    """`helm template` with raw arguments (e.g. --set-json, for map keys with dots)."""
+    out = helm("template", "kt", str(CHART), "--namespace", "kubetune", *args).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def test_scheduling_and_cost_env_set(tmp_path: Path) -> None:
+    env = _env(render(VALUE_FILES["sharing"]))
+    assert env["KUBETUNE_QUEUE_TIMEOUT_SECONDS"] == "86400"
+    assert env["KUBETUNE_GPU_HOUR_PRICE"] == "2.5"
+    assert env["KUBETUNE_GPU_PRICE_NODE_LABEL"] == "example.com/gpu-type"
+    assert env["KUBETUNE_COST_CURRENCY"] == "EUR"
+    prices = env["KUBETUNE_GPU_PRICES"]
+    assert prices is not None
+    assert json.loads(prices) == {
+        "NVIDIA-H100-80GB-HBM3": 4.5,
+        "NVIDIA-A100-SXM4-80GB": 2,
+        "NVIDIA-L4": 0.75,
+    }
+    # The chart's own variables come before extraEnv (which could still override one).
+    (c,) = _operator(render(VALUE_FILES["sharing"]))["spec"]["template"]["spec"]["containers"]
+    assert [e["name"] for e in c["env"]][-len(SHARING_ENV) :] == list(SHARING_ENV)
+
+    # Values Helm holds as float64 render as plain numbers the operator parses: a large timeout
+    # is not "1e+06", a price of 0 (free GPUs) is kept, not dropped as "unset".
+    env = _env(
+        render(
+            sets=["scheduling.queueTimeoutSeconds=1000000", "cost.gpuHourPrice=0"],
+        )
+    )
+    assert env["KUBETUNE_QUEUE_TIMEOUT_SECONDS"] == "1000000"
+    assert env["KUBETUNE_GPU_HOUR_PRICE"] == "0"
+    big = tmp_path / "big.yaml"  # from a file, Helm holds every number as float64
+    big.write_text(yaml.safe_dump({"scheduling": {"queueTimeoutSeconds": 31536000}}))
+    assert _env(render([big]))["KUBETUNE_QUEUE_TIMEOUT_SECONDS"] == "31536000"
+    prices = _env(
+        _render_args("--set-json", 'cost.pricesByNodeLabel={"gpu.example/a.b": 12, "x": 0.5}')
+    )["KUBETUNE_GPU_PRICES"]
+    assert prices is not None and json.loads(prices) == {"gpu.example/a.b": 12, "x": 0.5}
+
+
+def test_operator_reads_every_env_var_the_chart_sets() -> None:
+    """Every KUBETUNE_* variable the Deployment sets is read somewhere in the operator (a typo
+    on either side would leave a value silently unused)."""
+    env = set(_env(render(VALUE_FILES["sharing"])))
+    source = "\n".join(
+        p.read_text() for p in (ROOT / "operator" / "kubetune_operator").rglob("*.py")
+    )
+    unread = sorted(n for n in env if n.startswith("KUBETUNE_") and n not in source)
+    assert not unread, f"set by the chart, read nowhere in operator/: {unread}"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--set", "cost.gpuHourPrice=-1"],
+        ["--set", "cost.gpuHourPrice=cheap"],
+        ["--set", "scheduling.queueTimeoutSeconds=0"],
+        ["--set", "scheduling.queueTimeoutSeconds=-5"],
+        ["--set", "scheduling.queueTimeoutSeconds=1.5"],
+        ["--set", "scheduling.queueTimeoutSeconds=forever"],
+        ["--set-json", 'cost.pricesByNodeLabel={"NVIDIA-L4": -0.5}'],
+        ["--set-json", 'cost.pricesByNodeLabel={"NVIDIA-L4": "0.5"}'],
+        ["--set", "cost.currency="],
+        ["--set", "cost.nodeLabel=not a label"],
+        ["--set", "scheduling.queueTimeout=60"],  # typo
+        ["--set", "priorityClasses.classes[0].name=system-critical"],
+        ["--set", "priorityClasses.classes[0].name=Urgent"],
+        ["--set", "priorityClasses.classes[0].value=2000000000"],
+        ["--set", "priorityClasses.classes[0].preemptionPolicy=Sometimes"],
+        ["--set", "priorityClasses.classes[0].globaldefault=true"],  # typo
+    ],
+)
+def test_sharing_values_are_validated(args: list[str]) -> None:
+    proc = helm("template", "kt", str(CHART), *args, check=False)
+    assert proc.returncode != 0, args
+    assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
+
+
+def test_priority_classes() -> None:
+    docs = render()
+    classes = {c["metadata"]["name"]: c for c in of_kind(docs, "PriorityClass")}
+    assert {n: c["value"] for n, c in classes.items()} == {
+        "kubetune-low": 1000,
+        "kubetune-default": 10000,
+        "kubetune-urgent": 100000,
+    }
+    for c in classes.values():
+        assert c["apiVersion"] == "scheduling.k8s.io/v1"
+        assert c["globalDefault"] is False  # never the cluster's default by accident
+        assert c["description"].startswith("kubetune: ")
+        assert "preemptionPolicy" not in c  # the API's default: PreemptLowerPriority
+        assert "namespace" not in c["metadata"]  # cluster-scoped
+        assert c["metadata"]["labels"]["app.kubernetes.io/instance"] == "kt"
+    assert not of_kind(render(sets=["priorityClasses.create=false"]), "PriorityClass")
+    assert not of_kind(render(sets=["priorityClasses.classes=null"]), "PriorityClass")
+
+    custom = {
+        c["metadata"]["name"]: c for c in of_kind(render(VALUE_FILES["sharing"]), "PriorityClass")
+    }
+    assert set(custom) == {"ml-batch", "ml-prod"}
+    assert custom["ml-batch"]["value"] == 500
+    assert custom["ml-batch"]["preemptionPolicy"] == "Never"
+    assert custom["ml-prod"]["value"] == 200000 and "preemptionPolicy" not in custom["ml-prod"]
+
+    dup = helm(
+        "template",
+        "kt",
+        str(CHART),
+        "--set-json",
+        'priorityClasses.classes=[{"name": "a", "value": 1}, {"name": "a", "value": 2}]',
+        check=False,
+    )
+    assert dup.returncode != 0 and "a is listed twice" in dup.stderr, dup.stderr
+
+
 def test_monitoring_objects() -> None:
     assert not [d for d in render() if d["apiVersion"].startswith("monitoring.coreos.com")], (
         "monitoring must be off by default"
@@ -406,6 +649,8 @@ def test_monitoring_objects() -> None:
     (sm,) = of_kind(docs, "ServiceMonitor")
     (svc,) = of_kind(docs, "Service")
     assert sm["spec"]["endpoints"][0]["port"] == svc["spec"]["ports"][0]["name"] == "metrics"
+    # The operator's per-job series keep the FineTuneJob's namespace and job labels.
+    assert sm["spec"]["endpoints"][0]["honorLabels"] is True
     assert svc["spec"]["ports"][0]["port"] == 9300
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     (pm,) = of_kind(docs, "PodMonitor")
@@ -413,11 +658,26 @@ def test_monitoring_objects() -> None:
     assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     (rule,) = of_kind(docs, "PrometheusRule")
     alerts = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
-    assert set(alerts) == {"KubetuneJobFailed", "KubetuneJobStuck", "KubetuneRestartsClimbing"}
+    assert set(alerts) == {
+        "KubetuneJobFailed",
+        "KubetuneJobStuck",
+        "KubetuneRestartsClimbing",
+        "KubetuneJobQueuedTooLong",
+    }
+    queued = alerts["KubetuneJobQueuedTooLong"]
+    assert queued["expr"] == 'max(kubetune_operator_jobs{phase="Queued"}) > 0'
+    assert queued["for"] == "2h"
     assert 'kubetune_operator_jobs{phase="Failed"}' in alerts["KubetuneJobFailed"]["expr"]
     assert "changes(kubetune_train_step[45m]) == 0" in alerts["KubetuneJobStuck"]["expr"]
     assert "[1h])) > 5" in alerts["KubetuneRestartsClimbing"]["expr"]
     assert all(a["labels"]["team"] == "ml-platform" for a in alerts.values())
+    (usage,) = [g for g in rule["spec"]["groups"] if g["name"] == "kubetune-usage"]
+    assert usage["rules"] == [
+        {
+            "record": "namespace:kubetune_job_gpu_seconds:sum",
+            "expr": "sum by (namespace) (kubetune_job_gpu_seconds_total)",
+        }
+    ]
     (cm,) = of_kind(docs, "ConfigMap")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert cm["metadata"]["namespace"] == "monitoring"
@@ -431,6 +691,26 @@ def test_monitoring_objects() -> None:
         "kubetune_operator_gang_restarts_total",
     ):
         assert needle in exprs
+    panels = {p["title"]: p for p in dashboard["panels"]}
+    assert [t["expr"] for t in panels["GPU-hours by job"]["targets"]] == [
+        'sum by (namespace, job) (kubetune_job_gpu_seconds_total{namespace=~"$namespace"}) / 3600'
+    ]
+    assert [t["expr"] for t in panels["GPU-hours by namespace"]["targets"]] == [
+        'sum by (namespace) (kubetune_job_gpu_seconds_total{namespace=~"$namespace"}) / 3600'
+    ]
+    assert [t["expr"] for t in panels["Queued jobs"]["targets"]] == [
+        'sum(max without (instance, pod) (kubetune_operator_jobs{phase="Queued"}))'
+    ]
+    assert panels["GPU-hours by job"]["targets"][0]["legendFormat"] == "{{namespace}}/{{job}}"
+    # Panel ids are unique and no two panels overlap on the grid.
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    cells = [
+        (p["gridPos"]["x"] + dx, p["gridPos"]["y"] + dy)
+        for p in dashboard["panels"]
+        for dx in range(p["gridPos"]["w"])
+        for dy in range(p["gridPos"]["h"])
+    ]
+    assert len(cells) == len(set(cells)), "dashboard panels overlap"
 
 
 def _exported_metric_names() -> set[str]:
@@ -458,6 +738,11 @@ def test_alerts_and_dashboard_use_exported_metrics() -> None:
     used -= {"kubetune_trainer"}  # not a metric (none today; guard against module names)
     unknown = used - _exported_metric_names()
     assert not unknown, f"metrics not exported by the operator or trainer: {sorted(unknown)}"
+    # phase="..." selectors name phases the operator's jobs-by-phase gauge really has.
+    from kubetune_operator.metrics import PHASES
+
+    phases = set(re.findall(r'phase=\\?"([A-Za-z]+)', text))
+    assert phases and phases <= set(PHASES), sorted(phases - set(PHASES))
 
 
 def _gitops_values() -> dict[str, Obj]:

@@ -34,7 +34,11 @@ ALL_GROUPS = [
 SEVERITIES = {"critical", "warning", "info"}
 # Alerts on operator metrics: kubetune_operator_jobs is by phase only and the gang-restart
 # counter by namespace only, so these alerts cannot carry the FineTuneJob's name.
-NO_JOB_LABEL = {"KubetuneJobFailed": set(), "KubetuneRestartsClimbing": {"namespace"}}
+NO_JOB_LABEL = {
+    "KubetuneJobFailed": set(),
+    "KubetuneJobQueuedTooLong": set(),
+    "KubetuneRestartsClimbing": {"namespace"},
+}
 
 
 def _promtool() -> str:
@@ -180,7 +184,29 @@ def test_alerts_have_severity_and_runbook(groups: list[Obj]) -> None:
 
 def test_serving_group_is_opt_in() -> None:
     (rule,) = of_kind(render(sets=["monitoring.prometheusRule.enabled=true"]), "PrometheusRule")
-    assert [g["name"] for g in rule["spec"]["groups"]] == ["kubetune", "kubetune-training"]
+    assert [g["name"] for g in rule["spec"]["groups"]] == [
+        "kubetune",
+        "kubetune-training",
+        "kubetune-usage",
+    ]
+
+
+def _records(groups: list[Obj]) -> dict[str, Obj]:
+    return {r["record"]: r for g in groups for r in g["rules"] if "record" in r}
+
+
+def test_every_recording_rule_is_tested(groups: list[Obj]) -> None:
+    """Each recorded series is checked by at least one promql_expr_test (by its name)."""
+    records = _records(groups)
+    assert "namespace:kubetune_job_gpu_seconds:sum" in records
+    tested = " ".join(
+        case["expr"]
+        for path in _test_files()
+        for group in _load(path).get("tests") or []
+        for case in group.get("promql_expr_test") or []
+    )
+    untested = sorted(name for name in records if name not in tested)
+    assert not untested, f"recording rules without a promql_expr_test: {untested}"
 
 
 def _exported_metric_names() -> set[str]:

@@ -75,6 +75,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import fnmatch
+import hashlib
 import http.client
 import ipaddress
 import json
@@ -645,6 +646,16 @@ class PodWorker:
                 container_env[name] = "0"
         mounts = self.mounts.get(c.name, [])
         env.update({k: rewrite_paths(v, mounts) for k, v in container_env.items()})
+        if "MASTER_PORT" in env and "MASTER_ADDR" in env:
+            # Pods here share the host's network namespace, so two gangs rendezvousing on the
+            # same fixed port would collide (EADDRINUSE), which pod network namespaces never
+            # do. Each gang (its MASTER_ADDR and attempt) gets a port of its own, the same for
+            # all of its ranks.
+            meta = self.pod["metadata"]
+            attempt = (meta.get("labels") or {}).get("kubetune.io/attempt", "")
+            key = f"{meta.get('namespace')}/{env['MASTER_ADDR']}/{attempt}"
+            digest = hashlib.sha256(key.encode()).digest()
+            env["MASTER_PORT"] = str(30000 + int.from_bytes(digest[:2], "big") % 20000)
         return env
 
     def _argv(self, c: Container, env: dict[str, str]) -> list[str]:

@@ -15,8 +15,10 @@ waits for every created job at once. A case counts as rejected when
 - kubectl or the API server refuses it (400/422) with a message naming the field, or
 - the job ends ``Failed`` (the operator running) with a condition message naming the field.
 
-The operator runs with ``KUBETUNE_UNSCHEDULABLE_TIMEOUT_SECONDS=3`` so that jobs asking for more
-than any node has (GPUs, CPU, memory, a node selector nothing matches) fail in seconds.
+Jobs asking for more GPUs per node than any node has fail at once; the operator runs with a
+default queue timeout of 3 s (``KUBETUNE_QUEUE_TIMEOUT_SECONDS``, the chart's
+``scheduling.queueTimeoutSeconds``), so that jobs asking for more CPU or memory than a node has,
+or a node selector nothing matches, fail in seconds instead of waiting Queued.
 
 Anything else is unhandled: accepted and not Failed, Failed without naming the field, a
 traceback in the operator log about it, or an inline secret that shows up in the job's status,
@@ -54,8 +56,8 @@ LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 TERMINAL = {"Succeeded", "Failed", "Cancelled"}
 # Replaced, per case, by a unique marker that must not spread beyond the job's own spec.
 INLINE = "<inline-secret>"
-# Seconds a rank may stay unschedulable before the operator fails the job (default 600).
-UNSCHEDULABLE_TIMEOUT = 3
+# Seconds a job may wait Queued before the operator fails it (default: unlimited).
+QUEUE_TIMEOUT = 3
 WAIT_TIMEOUT = 150
 # These go through the real kubectl (a process each); the rest as the POST kubectl sends.
 VIA_KUBECTL = {"inline_secret"}
@@ -594,9 +596,9 @@ def locally_invalid(doc: dict[str, Any]) -> bool:
 
 
 @pytest.fixture(autouse=True)
-def _fast_unschedulable(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Before the operator starts: fail unschedulable ranks after seconds, not 10 minutes."""
-    monkeypatch.setenv("KUBETUNE_UNSCHEDULABLE_TIMEOUT_SECONDS", str(UNSCHEDULABLE_TIMEOUT))
+def _short_queue_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the operator starts: fail jobs that cannot be placed after seconds, not never."""
+    monkeypatch.setenv("KUBETUNE_QUEUE_TIMEOUT_SECONDS", str(QUEUE_TIMEOUT))
 
 
 @dataclass

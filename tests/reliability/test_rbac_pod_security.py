@@ -138,8 +138,7 @@ def refused_calls(
             f"/api/v1/namespaces/{other}/secrets?{DRY}",
             _secret("stolen"),
         ),
-        # --- nodes: no writes (nor reads: the operator never needs them)
-        Call("list nodes", "GET", "/api/v1/nodes"),
+        # --- nodes: no writes (reads are allowed: dead-node clean-up, GPU-per-node checks)
         Call(
             "create a node",
             "POST",
@@ -361,6 +360,10 @@ def allowed_calls(jobs: str) -> list[Call]:
             {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kt-rbac-probe"}},
         ),
         Call("list namespaces (kopf's discovery)", "GET", "/api/v1/namespaces"),
+        # Ranks stuck on lost nodes, the largest GPU node, prices per node label (issue 13).
+        Call("list nodes", "GET", "/api/v1/nodes"),
+        # Who took a rank away (the scheduler's Preempted event).
+        Call("list Events in the job namespace", "GET", f"/api/v1/namespaces/{jobs}/events"),
     ]
 
 
