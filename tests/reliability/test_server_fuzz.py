@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +201,9 @@ class Req:
     content_type: str | None = None
     params: tuple[tuple[str, str], ...] = ()
     chunked: bool = False  # send the body without Content-Length
+    # "invalid": built so that any correct server must refuse it (4xx); "valid": built so that
+    # it must be served (2xx, or 429 when busy); "fuzz": either, depending on what was drawn.
+    intent: str = "fuzz"
 
     def describe(self) -> str:
         body = (self.body or b"")[:160]
@@ -215,6 +218,63 @@ class Tally:
     server_errors: list[str] = field(default_factory=list)  # 5xx, in-band errors, crashes
     wrong: list[str] = field(default_factory=list)  # 4xx without a JSON error, hangs, bad 2xx
     statuses: Counter[int] = field(default_factory=Counter)
+    sent_by: Counter[str] = field(default_factory=Counter)  # per intent
+    ok_by: Counter[str] = field(default_factory=Counter)  # invalid: refused; valid: served
+    wrong_by: Counter[str] = field(default_factory=Counter)  # per intent: wrong, not 5xx
+
+
+@dataclass
+class Routes:
+    """What the server's /openapi.json promises, to tell requests built to be invalid."""
+
+    known: set[str]  # every listed path
+    posts: set[str]  # paths that take a POST at all
+    bodies: dict[str, tuple[set[str], set[str]]]  # POST path -> (required, allowed) fields
+
+    @classmethod
+    def from_openapi(cls, openapi: dict[str, Any]) -> Routes:
+        defs = openapi.get("components", {}).get("schemas", {})
+        known = {*openapi["paths"], "/openapi.json"}
+        posts = {p for p, ops in openapi["paths"].items() if "post" in ops}
+        bodies = {}
+        for path, ops in openapi["paths"].items():
+            content = ((ops.get("post") or {}).get("requestBody") or {}).get("content", {})
+            if "application/json" in content:
+                schema = content["application/json"]["schema"]
+                if "$ref" in schema:
+                    schema = defs[schema["$ref"].rsplit("/", 1)[-1]]
+                props = set(schema.get("properties", {}))
+                bodies[path] = (set(schema.get("required", [])), props)
+        return cls(known, posts, bodies)
+
+    def intent(self, req: Req) -> str:
+        """ "invalid" when the request is wrong whatever the server's state: a method no route
+        takes, a POST to a route without one, or a body that is over the size limit, not a
+        JSON object, lacks a required field or carries an unknown one (the schemas forbid
+        extra fields). Anything else stays "fuzz"."""
+        if req.intent != "fuzz":
+            return req.intent
+        if req.path != "/" and req.path.endswith("/"):
+            return "fuzz"  # a 307 to the path without the slash, whatever the method
+        if req.method in ("PUT", "DELETE", "PATCH", "TRACE", "FROB"):
+            return "invalid"  # no route takes these
+        if req.method != "POST":
+            return "fuzz"
+        if req.path in self.known and req.path not in self.posts:
+            return "invalid"  # 405
+        if req.path not in self.bodies:
+            return "fuzz"
+        required, allowed = self.bodies[req.path]
+        data = req.body or b""
+        if len(data) > MAX_BODY:
+            return "invalid"
+        try:
+            body = json.loads(data)  # as the server reads it (surrogatepass for bytes)
+        except (ValueError, RecursionError):
+            return "invalid"
+        if not isinstance(body, dict) or not required <= set(body) or set(body) - allowed:
+            return "invalid"
+        return "fuzz"
 
 
 def _dump(value: Any, ascii_only: bool) -> bytes:
@@ -225,9 +285,19 @@ def _dump(value: Any, ascii_only: bool) -> bytes:
 
 def check(server: Server, req: Req, tally: Tally) -> None:
     """Send one request and judge the answer."""
+    tally.sent += 1
+    tally.sent_by[req.intent] += 1
+    before = len(tally.wrong)
+    try:
+        _answer(server, req, tally)
+    finally:
+        if len(tally.wrong) > before:
+            tally.wrong_by[req.intent] += 1
+
+
+def _answer(server: Server, req: Req, tally: Tally) -> None:
     import httpx
 
-    tally.sent += 1
     headers = {} if req.content_type is None else {"content-type": req.content_type}
     content: Any = req.body
     if req.chunked and req.body is not None:
@@ -255,9 +325,16 @@ def check(server: Server, req: Req, tally: Tally) -> None:
     if status >= 500:
         tally.server_errors.append(what)
         return
+    if req.intent == "valid" and status >= 400 and status != 429:
+        tally.wrong.append(f"a valid request refused: {what}")
+        return
+    if req.intent == "invalid" and status < 400:
+        tally.wrong.append(f"an invalid request accepted: {what}")
+        return
     if 400 <= status < 500:
         if req.method == "HEAD":
             tally.ok += 1  # no body by definition
+            tally.ok_by[req.intent] += 1
             return
         try:
             error = resp.json()["error"]
@@ -267,6 +344,7 @@ def check(server: Server, req: Req, tally: Tally) -> None:
             tally.wrong.append(f"4xx without a JSON error body: {what}")
             return
         tally.ok += 1
+        tally.ok_by[req.intent] += 1
         return
     if 200 <= status < 300 and req.method == "POST" and req.path.startswith("/v1/"):
         ctype = resp.headers.get("content-type", "")
@@ -285,6 +363,7 @@ def check(server: Server, req: Req, tally: Tally) -> None:
                 tally.wrong.append(f"2xx without a result: {what}")
                 return
     tally.ok += 1
+    tally.ok_by[req.intent] += 1
 
 
 # -- hypothesis strategies ---------------------------------------------------------------------
@@ -463,7 +542,9 @@ def _quote_path(path: str) -> str:
 
 
 def hostile(kind: str) -> list[Req]:
-    route = "/v1/completions" if kind == "causal-lm" else "/v1/classify"
+    """Fixed hostile requests; those not marked here get their intent from ``Routes.intent``."""
+    lm = kind == "causal-lm"
+    route = "/v1/completions" if lm else "/v1/classify"
     field_ = "prompt" if kind == "causal-lm" else "text"
     j = "application/json"
     deep = b"[" * 100_000 + b"]" * 100_000
@@ -484,14 +565,33 @@ def hostile(kind: str) -> list[Req]:
         Req("POST", route, b'{"' + field_.encode() + b'": ["ok", "\\udfff"]}', j),
         # Subnormal temperatures are valid JSON numbers in range; they once overflowed the
         # logits to inf/nan and failed sampling with a 500.
-        Req("POST", route, b'{"prompt": "hi", "temperature": 5e-324, "max_tokens": 4}', j),
-        Req("POST", route, b'{"prompt": "hi", "temperature": 1e-39, "stream": true}', j),
-        Req("POST", route, b'{"prompt": "hi", "top_p": 5e-324, "max_tokens": 4}', j),
+        # (For the classifier, "prompt" is an unknown field and "text" is missing.)
+        Req(
+            "POST",
+            route,
+            b'{"prompt": "hi", "temperature": 5e-324, "max_tokens": 4}',
+            j,
+            intent="valid" if lm else "invalid",
+        ),
+        Req(
+            "POST",
+            route,
+            b'{"prompt": "hi", "temperature": 1e-39, "stream": true}',
+            j,
+            intent="valid" if lm else "invalid",
+        ),
+        Req(
+            "POST",
+            route,
+            b'{"prompt": "hi", "top_p": 5e-324, "max_tokens": 4}',
+            j,
+            intent="valid" if lm else "invalid",
+        ),
         Req("POST", route, big, j),
         Req("POST", route, big, j, chunked=True),
         Req("POST", route, b"x" * (4 * MAX_BODY), "application/octet-stream", chunked=True),
         Req("POST", route, many, j),
-        Req("POST", "/v1/chat/completions", b'{"messages": []}', j),
+        Req("POST", "/v1/chat/completions", b'{"messages": []}', j, intent="invalid"),
         Req(
             "POST",
             "/v1/chat/completions",
@@ -499,11 +599,12 @@ def hostile(kind: str) -> list[Req]:
                 {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 4}
             ).encode(),
             j,
+            intent="valid" if lm else "invalid",  # the classifier does not serve chat: 404
         ),
         Req("POST", "/v1/classify", json.dumps({"text": ["t"] * 300}).encode(), j),
-        Req("GET", "/" + "a" * 2000),
+        Req("GET", "/" + "a" * 2000, intent="invalid"),
         Req("GET", "/v1/models/"),
-        Req("GET", "/docs"),
+        Req("GET", "/docs", intent="invalid"),  # the server has no docs pages
         Req("POST", "/healthz", b"{}", j),
         Req("DELETE", "/v1/models"),
     ]
@@ -514,20 +615,28 @@ def warm_up(kind: str) -> list[Req]:
     if kind == "causal-lm":
         chat = {"messages": [{"role": "user", "content": "my vpn drops"}], "max_tokens": 16}
         return [
-            Req("POST", "/v1/chat/completions", json.dumps(chat).encode(), j),
-            Req("POST", "/v1/completions", b'{"prompt": ["a", "b"], "max_tokens": 16}', j),
+            Req("POST", "/v1/chat/completions", json.dumps(chat).encode(), j, intent="valid"),
+            Req(
+                "POST",
+                "/v1/completions",
+                b'{"prompt": ["a", "b"], "max_tokens": 16}',
+                j,
+                intent="valid",
+            ),
         ]
-    return [Req("POST", "/v1/classify", json.dumps({"text": ["my vpn drops"] * 64}).encode(), j)]
+    body = json.dumps({"text": ["my vpn drops"] * 64}).encode()
+    return [Req("POST", "/v1/classify", body, j, intent="valid")]
 
 
 def burst(server: Server, tally: Tally) -> None:
     """Twice --max-concurrency requests at once: each is answered (200 or 429), none fails."""
     if server.kind == "causal-lm":
         body = {"messages": [{"role": "user", "content": "my laptop won't boot"}], "max_tokens": 16}
-        req = Req("POST", "/v1/chat/completions", json.dumps(body).encode(), "application/json")
+        path = "/v1/chat/completions"
     else:
         body = {"text": ["printer jammed again"] * 64}
-        req = Req("POST", "/v1/classify", json.dumps(body).encode(), "application/json")
+        path = "/v1/classify"
+    req = Req("POST", path, json.dumps(body).encode(), "application/json", intent="valid")
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda _: check(server, req, tally), range(8)))
 
@@ -550,8 +659,9 @@ def test_fuzzed_requests_get_no_5xx_and_memory_stays_bounded(
     rss_start = server.rss_mib()
     started = time.monotonic()
 
+    routes = Routes.from_openapi(openapi)
     for req in hostile(kind):
-        check(server, req, tally)
+        check(server, replace(req, intent=routes.intent(req)), tally)
 
     served = SERVED[kind]
     assert set(served) <= set(openapi["paths"]), sorted(openapi["paths"])
@@ -567,7 +677,7 @@ def test_fuzzed_requests_get_no_5xx_and_memory_stays_bounded(
     )
     @given(strategy)
     def fuzz(req: Req) -> None:
-        check(server, req, tally)
+        check(server, replace(req, intent=routes.intent(req)), tally)
 
     fuzz()
     burst(server, tally)
@@ -584,13 +694,20 @@ def test_fuzzed_requests_get_no_5xx_and_memory_stays_bounded(
     print(
         f"\n{kind}: {tally.sent} requests in {elapsed:.1f}s, statuses {statuses}; "
         f"ok {tally.ok}, 5xx/in-band errors {len(tally.server_errors)}, wrong {len(tally.wrong)}; "
-        f"RSS {rss_start:.0f} -> {rss_end:.0f} MiB; tracebacks in log {tracebacks}"
+        f"RSS {rss_start:.0f} -> {rss_end:.0f} MiB; tracebacks in log {tracebacks}; "
+        f"by intent sent {dict(tally.sent_by)}, ok {dict(tally.ok_by)}, "
+        f"wrong {dict(tally.wrong_by)}"
     )
+    # Only requests built to be invalid count as bad inputs; valid ones answered correctly are a
+    # figure of their own; the rest ("fuzz": either, depending on the draw) count as requests.
     record(
         request.node.nodeid,
-        inputs_tried=tally.sent,
-        inputs_rejected=tally.ok,
-        inputs_unhandled=tally.sent - tally.ok,
+        inputs_tried=tally.sent_by["invalid"],
+        inputs_rejected=tally.ok_by["invalid"],
+        inputs_unhandled=tally.sent_by["invalid"] - tally.ok_by["invalid"],
+        server_requests=tally.sent,
+        valid_requests_answered=tally.ok_by["valid"],
+        server_wrong_answers=tally.wrong_by["valid"] + tally.wrong_by["fuzz"],
         server_5xx=len(tally.server_errors) + crashes,
     )
     assert alive, f"the server exited:\n{log[-3000:]}"
