@@ -150,13 +150,13 @@ def apply(obj: Obj) -> Obj:
 
 
 def delete(kind: str, namespace: str, name: str, grace: int | None = None) -> bool:
-    query: dict[str, Any] = {}
-    if grace is not None:
-        query["gracePeriodSeconds"] = grace
     # Background: dependents go through the garbage collector without blocking this call.
-    body = {"propagationPolicy": "Background"}
+    # The grace goes in the body too: with a body, the API server ignores query options.
+    body: dict[str, Any] = {"propagationPolicy": "Background"}
+    if grace is not None:
+        body["gracePeriodSeconds"] = grace
     try:
-        request("DELETE", object_path(kind, namespace, name), query=query, body=body)
+        request("DELETE", object_path(kind, namespace, name), body=body)
     except ApiError as err:
         if err.status == 404:
             return False

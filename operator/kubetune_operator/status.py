@@ -45,6 +45,7 @@ QUEUED = "Queued"
 RETRYABLE_POD_REASONS = frozenset(
     {
         "OOMKilled",
+        "OutOfMemory",
         "Evicted",
         "Preempted",
         "Preempting",
@@ -227,6 +228,33 @@ def terminated_message(pod: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _memory_limit(pod: Mapping[str, Any]) -> str:
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        limit = ((c.get("resources") or {}).get("limits") or {}).get("memory")
+        if limit:
+            return f"limits.memory {limit}"
+    return "no memory limit set"
+
+
+# What to change when ranks keep running out of memory (said once backoffLimit is spent).
+OOM_ADVICE = (
+    "to fit in memory: lower spec.hyperparameters.perDeviceBatchSize (raise "
+    "gradientAccumulationSteps to keep the effective batch), raise spec.deepspeed.zeroStage, "
+    "train with spec.method lora or qlora, shorten spec.model.maxSeqLength, or raise "
+    "spec.resources.memory"
+)
+
+
+def config_error(pod: Mapping[str, Any]) -> str | None:
+    """The kubelet's CreateContainerConfigError message (a Secret or key the pod needs is
+    missing), or None."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") == "CreateContainerConfigError":
+            return str(waiting.get("message") or "the container could not be configured")
+    return None
+
+
 def classify_failure(pod: Mapping[str, Any]) -> Failure | None:
     """The failure of a rank pod, or None when it has not failed (running or succeeded).
 
@@ -255,7 +283,9 @@ def classify_failure(pod: Mapping[str, Any]) -> Failure | None:
         reason = said or _exit_reason(exit_code) or "Error"
         return Failure(name, node, exit_code, reason, _tail(text), False)
     if kube_reason == "OOMKilled":
-        reason = "OOMKilled"
+        reason = "OutOfMemory"
+        limit = _memory_limit(pod)
+        text = f"the kernel killed the trainer at its memory limit ({limit}) on node {node or '?'}"
     elif said and said != "Succeeded":
         reason = said
     elif (known := _exit_reason(exit_code)) is not None:
@@ -324,11 +354,12 @@ def decide_restart(
     if not failure.retryable:
         return RestartDecision(False, 0.0, failure.reason, f"{what}; not retryable")
     if restarts >= backoff_limit:
+        advice = f"; {OOM_ADVICE}" if failure.reason == "OutOfMemory" else ""
         return RestartDecision(
             False,
             0.0,
             "BackoffLimitExceeded",
-            f"{what}; backoffLimit {backoff_limit} reached after {restarts} restart(s)",
+            f"{what}; backoffLimit {backoff_limit} reached after {restarts} restart(s){advice}",
         )
     delay = restart_delay(restarts, base)
     return RestartDecision(

@@ -371,11 +371,15 @@ class ControlPlane:
         etcd_on_tmpfs: bool = True,
         build: bool = True,
         run_pods: bool = True,
+        node_monitor_grace_period: int = 40,
     ) -> None:
         """``run_pods=False``: the agent keeps the nodes Ready but never runs pods (they stay
         Pending; see ``nodeagent.py``), for benchmarks that only count API objects."""
         self.dir = Path(dir).resolve()
         self.run_pods = run_pods
+        # Seconds without heartbeats before a node is NotReady/unreachable (Kubernetes' default
+        # 40); a cluster for dead-node tests may shorten it.
+        self.node_monitor_grace_period = node_monitor_grace_period
         self.build = build
         self.etcd_on_tmpfs = etcd_on_tmpfs
         self.pod_env = dict(pod_env or {})
@@ -588,6 +592,7 @@ class ControlPlane:
             # No pod CIDRs, no cloud: those controllers would only log errors.
             "--controllers=*,-nodeipam,-cloud-node-lifecycle,-route,-service",
             "--node-monitor-period=2s",
+            f"--node-monitor-grace-period={self.node_monitor_grace_period}s",
         ]
         sched = [
             f"{st.bin_dir}/kube-scheduler",

@@ -58,6 +58,7 @@ def test_crd_is_structural_and_described() -> None:
         "Progress",
         "Loss",
         "Eval",
+        "GPU-h",
         "Age",
     ]
     assert crd["spec"]["names"]["shortNames"] == ["ftj"]

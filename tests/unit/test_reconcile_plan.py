@@ -207,6 +207,15 @@ def _interrupted(p: Plan, restarts: int) -> None:
     assert GangRestarted("ns") not in p.observations
 
 
+def config_error(rank: int, message: str, age: float = 30) -> Obj:
+    """A rank placed but waiting in CreateContainerConfigError for `age` seconds."""
+    p = pod(rank, "Pending")
+    p["metadata"]["creationTimestamp"] = ago(age)
+    waiting = {"reason": "CreateContainerConfigError", "message": message}
+    p["status"]["containerStatuses"] = [{"state": {"waiting": waiting}}]
+    return p
+
+
 def _renumbered(p: Plan, attempt: int) -> None:
     note = next(a for a in p.actions if isinstance(a, Annotate))
     assert note.annotations == {ANN_ATTEMPT: str(attempt)}
@@ -708,6 +717,36 @@ ROWS = [
         check=_invalid,
     ),
     # ---------------------------------------------------------------- sharing the cluster
+    Row(
+        "a rank cannot start (its Secret is missing, seen by the kubelet): Failed, naming the ref",
+        job=job(annotations=ATTEMPT_1),
+        status=launched(),
+        children=Children(rank_pods=[pod(0), config_error(1, 'secret "s3-creds" not found')]),
+        phase="Failed",
+        conditions={"Failed": ("True", "CreateContainerConfigError")},
+        actions=["delete Pod/demo-rank-0 grace=0", "delete Pod/demo-rank-1 grace=0"],
+        events=[
+            ("Normal", "RanksDeleted", "deleted 2 rank pod(s)"),
+            (
+                "Warning",
+                "CreateContainerConfigError",
+                'demo-rank-1 cannot start: secret "s3-creds" not found; check '
+                "spec.storage.credentialsSecretRef (Secret 's3-creds'",
+            ),
+        ],
+    ),
+    Row(
+        "a rank cannot start yet, but the Secret may still come: wait",
+        job=job(annotations=ATTEMPT_1),
+        status=launched(),
+        children=Children(
+            rank_pods=[pod(0), config_error(1, 'secret "s3-creds" not found', age=5)]
+        ),
+        phase="Running",
+        actions=[],
+        events=[],
+        requeue=10.0,
+    ),
     Row(
         "the store's fence is ahead (a same-named job ran before): relaunch past it",
         job=job(annotations=ATTEMPT_1),

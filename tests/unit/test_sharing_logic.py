@@ -173,3 +173,11 @@ def test_pod_usage_roundtrips_on_the_wire() -> None:
     u = Usage(open_pods={"x": PodUsage(gpu_seconds=1.0, price=2.0)}, gpu_seconds=1.0)
     assert Usage.model_validate(u.wire()) == u
     assert "openPods" in u.wire() and "gpuSeconds" in u.wire()
+
+
+def test_a_running_pod_that_vanished_counts_until_it_was_seen_gone() -> None:
+    first = update(None, [rank("a", 2, 100), rank("b", 1, 100, finished=50)])
+    gone = update(first.usage, [], now=NOW + timedelta(seconds=20))
+    # a: 2 GPUs x (100 s + the 20 s until its deletion was seen); b had finished: 50 s.
+    assert gone.usage.closed_gpu_seconds == 2 * 120 + 50
+    assert gone.usage.open_pods == {}

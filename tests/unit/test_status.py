@@ -67,7 +67,14 @@ def test_retryable_failures() -> None:
         assert f is not None and f.retryable, code
         assert f.reason == want, (code, f.reason)
     f = st.classify_failure(_pod(137, "", "OOMKilled"))
-    assert f is not None and f.retryable and f.reason == "OOMKilled"
+    assert f is not None and f.retryable and f.reason == "OutOfMemory"
+    assert "memory limit" in f.message
+    # After backoffLimit, the message says what to change.
+    spent = st.decide_restart(f, restarts=2, backoff_limit=2)
+    assert not spent.restart and "perDeviceBatchSize" in spent.message
+    assert "zeroStage" in spent.message and "resources.memory" in spent.message
+    other = st.decide_restart(st.classify_failure(_pod(1, "Error: boom", "Error")), 2, 2)  # type: ignore[arg-type]
+    assert "perDeviceBatchSize" not in other.message
     evicted = {"metadata": {"name": "p"}, "status": {"phase": "Failed", "reason": "Evicted"}}
     f = st.classify_failure(evicted)
     assert f is not None and f.retryable and f.reason == "Evicted"

@@ -120,7 +120,9 @@ def test_progress_written_within_interval(tmp_path: Path) -> None:
         assert set(doc) == {
             "phase", "step", "totalSteps", "epoch", "percent", "etaSeconds", "loss",
             "tokensPerSecond", "updatedAt", "latestCheckpoint", "restartsSeen", "message",
+            "stepsByAttempt",
         }  # fmt: skip
+        assert doc["stepsByAttempt"] == {"0": 5}
 
         # A later update reaches the store on a later tick.
         rep.update(step=10)
@@ -154,6 +156,19 @@ def test_progress_final_flush_and_checkpoint(tmp_path: Path) -> None:
     store.write_json(PROGRESS_FILE, {**doc, "futureField": 1})
     again = read_progress(store)
     assert again is not None and again.restarts_seen == 2
+
+
+def test_progress_keeps_the_highest_step_of_every_attempt(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    first = ProgressReporter(store, interval_seconds=3600, attempt=1)
+    first.update(step=30)
+    first.update(step=12)  # a resume inside the attempt never lowers its highest step
+    first.close()
+    assert store.read_json(PROGRESS_FILE)["stepsByAttempt"] == {"1": 30}
+    second = ProgressReporter(store, interval_seconds=3600, attempt=2)
+    second.update(step=25)
+    second.close()
+    assert store.read_json(PROGRESS_FILE)["stepsByAttempt"] == {"1": 30, "2": 25}
 
 
 def test_progress_eta_from_recent_rate(tmp_path: Path) -> None:

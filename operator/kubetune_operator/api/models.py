@@ -216,6 +216,16 @@ class RunPolicy(WireModel):
             " (preemption, drain, suspend, cancel, budget)."
         ),
     )
+    stall_timeout_seconds: int = Field(
+        default=600,
+        ge=0,
+        le=86400,
+        description=(
+            "A rank that completes no optimizer step for this long (a hung rank, a stuck"
+            " collective) ends its attempt as Stalled and the gang restarts from the newest"
+            " checkpoint; 0 turns the watchdog off."
+        ),
+    )
     max_gpu_hours: float | None = Field(
         default=None,
         gt=0,
@@ -341,6 +351,8 @@ class PodUsage(WireModel):
 
     gpu_seconds: float = Field(default=0.0, description="GPUs x seconds this pod ran.")
     price: float | None = Field(default=None, description="Price per GPU-hour on its node.")
+    gpus: int = Field(default=0, description="GPUs the pod holds.")
+    running: bool = Field(default=False, description="It was running at the last update.")
 
 
 class Usage(WireModel):

@@ -30,6 +30,7 @@ METRICS_PORT = 9400
 # stale attempt) and the grace it has for a SIGTERM checkpoint (it warns when saves take longer).
 ATTEMPT_ENV = "KUBETUNE_ATTEMPT"
 GRACE_ENV = "KUBETUNE_CHECKPOINT_GRACE_SECONDS"
+STALL_ENV = "KUBETUNE_STALL_TIMEOUT_SECONDS"  # the trainer's progress watchdog
 CONTAINER = "trainer"
 
 
@@ -91,6 +92,7 @@ def _rank_env(job: FineTuneJob, rank: int, attempt: int) -> list[Obj]:
         {"name": "NPROC_PER_NODE", "value": str(max(1, res.gpus_per_node))},
         {"name": ATTEMPT_ENV, "value": str(attempt)},
         {"name": GRACE_ENV, "value": str(job.spec.run_policy.checkpoint_grace_seconds)},
+        {"name": STALL_ENV, "value": str(job.spec.run_policy.stall_timeout_seconds)},
         {
             "name": "KUBETUNE_CONFIG",
             "valueFrom": {"configMapKeyRef": {"name": config_map_name(name), "key": CONFIG_KEY}},

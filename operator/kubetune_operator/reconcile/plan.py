@@ -495,6 +495,8 @@ def _watch_ranks(d: _Draft, ftj: FineTuneJob, children: Children) -> None:
     if failures:
         _on_failure(d, ftj, failures[0], children.rank_pods)
         return
+    if _cannot_configure(d, ftj, current, children.rank_pods):
+        return
     if _waiting_for_capacity(d, ftj, current, children):
         return
     if st.is_true(d.status, st.QUEUED):
@@ -538,6 +540,47 @@ def _renumber(d: _Draft, fence: int, pods: list[Obj]) -> None:
     d.cond(st.LAUNCHED, False, "AttemptRenumbered", msg)
     d.event("Normal", "AttemptRenumbered", msg)
     d.again(1.0)
+
+
+# The kubelet retries a pod whose Secret is missing; a Secret created right after the job
+# still counts, so wait this long before failing the job.
+CONFIG_ERROR_GRACE = 20.0
+
+
+def _cannot_configure(
+    d: _Draft, ftj: FineTuneJob, current: dict[str, Obj], pods: list[Obj]
+) -> bool:
+    """A rank waits in CreateContainerConfigError: under the chart's RBAC the operator may not
+    read Secrets, so this is where a missing credentials Secret or key shows. Not retryable."""
+    for name, pod in sorted(current.items()):
+        text = st.config_error(pod)
+        if text is None:
+            continue
+        created = st.parse_time(pod["metadata"].get("creationTimestamp"))
+        left = CONFIG_ERROR_GRACE - ((d.now - created).total_seconds() if created else 0.0)
+        if left > 0:
+            d.again(max(1.0, left))
+            return False
+        ref = ftj.spec.storage.credentials_secret_ref if ftj.spec.storage else None
+        field = (
+            f"spec.storage.credentialsSecretRef (Secret {ref.name!r}, keys "
+            f"{ref.access_key_id_key!r} and {ref.secret_access_key_key!r})"
+            if ref is not None and "secret" in text.lower()
+            else "the rank pod's configuration"
+        )
+        msg = (
+            f"{name} cannot start: {text}; check {field} in namespace {d.namespace}, "
+            "then re-create the job"
+        )
+        _stop_ranks(d, pods, grace=0)
+        d.status.last_failure = FailureInfo(
+            pod=name, reason="CreateContainerConfigError", message=msg
+        )
+        d.cond(st.LAUNCHED, False, "CreateContainerConfigError", msg)
+        d.cond(st.FAILED, True, "CreateContainerConfigError", msg)
+        d.phase("Failed", "CreateContainerConfigError", msg)
+        return True
+    return False
 
 
 def _interrupted(

@@ -150,10 +150,23 @@ def update(
         price = pricing.price(node_labels.get(node)) if pricing.priced else None
         if uid in old.open_pods and price is None:
             price = old.open_pods[uid].price  # node gone from the cache: keep its price
-        current[uid] = PodUsage(gpu_seconds=round(pod_gpus(pod) * seconds, 3), price=price)
+        gpus = pod_gpus(pod)
+        current[uid] = PodUsage(
+            gpu_seconds=round(gpus * seconds, 3), price=price, gpus=gpus, running=not done
+        )
         if done:
             finished.add(uid)
-    gone = {u: p for u, p in old.open_pods.items() if u not in current}
+    # A pod that went away while running (deleted, preempted) ran until about now: the pass
+    # that notices is triggered by its deletion, not by a timer.
+    since = _time(old.updated)
+    extra = max(0.0, (now - since).total_seconds()) if since is not None else 0.0
+    gone = {
+        u: p.model_copy(
+            update={"gpu_seconds": p.gpu_seconds + (p.gpus * extra if p.running else 0)}
+        )
+        for u, p in old.open_pods.items()
+        if u not in current
+    }
     closed = old.closed_gpu_seconds + sum(p.gpu_seconds for p in gone.values())
     closed_cost = old.closed_cost + _cost(gone)
     gpu_seconds = closed + sum(p.gpu_seconds for p in current.values())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -63,6 +64,14 @@ class ProgressDoc(WireModel):
     )
     restarts_seen: int = Field(default=0, ge=0, description="How many times this run resumed.")
     message: str | None = Field(default=None, description="Human-readable detail.")
+    steps_by_attempt: dict[str, int] = Field(
+        default_factory=dict,
+        description=(
+            "The highest optimizer step each gang attempt reached (KUBETUNE_ATTEMPT; 0 when run"
+            " locally), carried over from the previous attempt's progress.json: with the step"
+            " each attempt resumed from, it says how much work a fault cost."
+        ),
+    )
 
     def to_json(self) -> dict[str, Any]:
         # Every key present (null when unknown): a stable shape for the operator to read.
@@ -82,6 +91,14 @@ def read_progress(store: Store) -> ProgressDoc | None:
     except Exception as exc:  # any failure just means "no usable previous progress"
         log.debug("no previous %s: %s", PROGRESS_FILE, exc)
         return None
+
+
+def _attempt_from_env() -> int:
+    """The gang attempt the operator set on the rank pod (0 when run locally or unreadable)."""
+    try:
+        return max(0, int(os.environ.get("KUBETUNE_ATTEMPT", "0") or 0))
+    except ValueError:
+        return 0
 
 
 def _finite(value: float | None) -> float | None:
@@ -111,6 +128,7 @@ class ProgressReporter:
         *,
         restarts_seen: int = 0,
         start: bool = True,
+        attempt: int | None = None,
     ) -> None:
         if interval_seconds <= 0:
             raise ValueError("interval_seconds must be positive")
@@ -128,6 +146,9 @@ class ProgressReporter:
         self._message: str | None = None
         self._checkpoint: CheckpointRef | None = None
         self._restarts_seen = restarts_seen
+        self._attempt = str(_attempt_from_env() if attempt is None else attempt)
+        previous = read_progress(store) if start else None
+        self._steps_by_attempt = dict(previous.steps_by_attempt) if previous else {}
         self._samples: deque[tuple[float, int]] = deque(maxlen=self._RATE_WINDOW)
         self._version = 1  # bumped by every change; unwritten state starts dirty
         self._written_version = 0
@@ -160,6 +181,8 @@ class ProgressReporter:
                 if not self._samples or self._samples[-1][1] != step:
                     self._samples.append((now, step))
                 self._step = step
+                best = self._steps_by_attempt.get(self._attempt, 0)
+                self._steps_by_attempt[self._attempt] = max(best, step)
             if total_steps is not None:
                 self._total_steps = total_steps
             if epoch is not None:
@@ -225,6 +248,7 @@ class ProgressReporter:
             latest_checkpoint=self._checkpoint,
             restarts_seen=self._restarts_seen,
             message=self._message,
+            steps_by_attempt=dict(self._steps_by_attempt),
         )
 
     # -- writing -------------------------------------------------------------------------------
